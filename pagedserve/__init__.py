@@ -1,0 +1,24 @@
+"""pagedserve: a readable LLM inference engine with a paged KV cache and continuous batching."""
+
+from pagedserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # LLM and LLMEngine pull in torch models and transformers; import them on first use.
+    if name == "LLM":
+        from pagedserve.entrypoints.llm import LLM
+
+        return LLM
+    if name == "LLMEngine":
+        from pagedserve.engine.llm_engine import LLMEngine
+
+        return LLMEngine
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "CacheConfig", "SchedulerConfig",
+           "RequestOutput", "CompletionOutput", "RequestMetrics", "Logprob", "__version__"]

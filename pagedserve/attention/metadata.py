@@ -1,0 +1,29 @@
+"""What every attention layer needs to know about one engine step, built once per step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PrefillSegment:
+    """A run of query tokens from one request (a prompt or a chunk of one)."""
+
+    start: int  # offset in the flat token batch
+    length: int  # query tokens in this step
+    context_len: int  # tokens of the request in the cache after this step (includes these)
+    block_table: torch.Tensor  # [num_blocks] physical block ids
+
+
+@dataclass
+class AttentionMetadata:
+    """Decode tokens (one query each) come first in the flat batch, then prefill segments."""
+
+    slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V goes to
+    num_decode_tokens: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks], padded with block 0
+    decode_context_lens: torch.Tensor | None  # [B]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size]; True = padding, masked out
+    prefills: list[PrefillSegment]

@@ -1,0 +1,84 @@
+"""Offline inference: `LLM(model=...).generate(prompts, params)` and `.chat(messages, params)`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from pagedserve.config import EngineConfig
+from pagedserve.engine.llm_engine import LLMEngine, PromptType
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+Message = dict[str, str]
+
+
+class LLM:
+    def __init__(self, model: str = "smollm2-135m", **engine_options: object) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model, **engine_options))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run every prompt to completion in one continuous batch; outputs in input order."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                ids.append(self.engine.add_request(None, prompt, params))
+        except Exception:
+            self.engine.abort_request(ids)  # all or nothing: leave no half-added batch behind
+            self.engine.step()
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[Message] | list[list[Message]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)} for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        tok = self.engine.tokenizer
+        if not conversation:
+            raise ValueError("messages must be a non-empty list")
+        if not tok.chat_template:
+            raise ValueError(f"model {self.engine.config.model!r} has no chat template")
+        ids = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
+        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        start = time.monotonic()
+        generated = 0
+        while len(results) < len(ids) and self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                generated += sum(len(c.token_ids_delta) for c in out.outputs)
+                if out.finished and out.request_id in wanted:
+                    results[out.request_id] = out
+                    bar.update(1)
+            elapsed = time.monotonic() - start
+            if use_tqdm and elapsed > 0:
+                bar.set_postfix_str(f"{generated / elapsed:.1f} tok/s", refresh=False)
+        bar.close()
+        return [results[i] for i in ids]

@@ -1,0 +1,80 @@
+"""SamplingParams: how one request is decoded. Validates itself with messages naming the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self._validate()
+
+    def _validate(self) -> None:
+        def check(ok: bool, name: str, allowed: str, value: object) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+        def is_int(v: object) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: object) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        check(is_int(self.n) and 1 <= self.n <= 64, "n", "an integer in [1, 64]", self.n)
+        check(is_num(self.temperature) and 0.0 <= self.temperature <= 100.0,
+              "temperature", "a number in [0, 100] (0 means greedy)", self.temperature)
+        check(is_num(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "a number in (0, 1]", self.top_p)
+        check(is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
+              "top_k", "-1 (disabled) or an integer >= 1", self.top_k)
+        check(is_num(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "a number in [0, 1]", self.min_p)
+        check(is_num(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0,
+              "repetition_penalty", "a number in (0, 2]", self.repetition_penalty)
+        check(is_num(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+              "presence_penalty", "a number in [-2, 2]", self.presence_penalty)
+        check(is_num(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+              "frequency_penalty", "a number in [-2, 2]", self.frequency_penalty)
+        check(self.seed is None or is_int(self.seed), "seed", "an integer or None", self.seed)
+        check(self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+              "max_tokens", "an integer >= 1 or None", self.max_tokens)
+        check(is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
+        if self.max_tokens is not None:
+            check(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})",
+                  self.min_tokens)
+        check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop)
+        check(all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+              "stop_token_ids", "non-negative integers", self.stop_token_ids)
+        check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+              "logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None", self.logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
