@@ -184,7 +184,7 @@ def _iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, t
             data = _unpermute(data, config.num_attention_heads)
         elif permuted and name.endswith("k_proj.weight"):
             data = _unpermute(data, config.num_key_value_heads)
-        yield name, torch.from_numpy(np.ascontiguousarray(data))
+        yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C"))  # owned, writable
 
 
 def model_size_bytes(path: Path) -> int:

@@ -1,0 +1,155 @@
+"""`pagedserve` command line: generate | chat (serve and bench register themselves here too)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pagedserve.config import POLICIES
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="smollm2-135m", help="known name, GGUF file or HF folder")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    g.add_argument("--num-blocks", type=int, default=None, help="exact KV block count (overrides the budget)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--policy", default="continuous", choices=POLICIES)
+    g.add_argument("--num-threads", type=int, default=None)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    keys = ["dtype", "device", "max_model_len", "kv_cache_memory_gb", "num_blocks", "block_size",
+            "max_num_seqs", "max_num_batched_tokens", "policy", "num_threads"]
+    return {k: getattr(args, k) for k in keys}
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=-1)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params(args: argparse.Namespace):
+    from pagedserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                          seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from pagedserve.entrypoints.llm import LLM
+
+    params = sampling_params(args)
+    llm = LLM(args.model, **engine_kwargs(args))
+    start = time.monotonic()
+    outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    elapsed = time.monotonic() - start
+    total = 0
+    for out in outputs:
+        for c in out.outputs:
+            total += len(c.token_ids)
+            print(f"--- prompt: {out.prompt!r}\n{c.text}\n[finish_reason={c.finish_reason}, tokens={len(c.token_ids)}]")
+    print(f"{total} tokens in {elapsed:.2f}s ({total / elapsed:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive chat: the model's chat template, tokens streamed as they come."""
+    from pagedserve.entrypoints.llm import LLM
+
+    params = sampling_params(args)
+    llm = LLM(args.model, **engine_kwargs(args))
+    engine = llm.engine
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    print("Type a message (empty line or Ctrl-D to quit).", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        request_id = engine.add_request(None, {"prompt_token_ids": llm.apply_chat_template(history)}, params)
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        done = False
+        while not done:
+            for out in engine.step():
+                if out.request_id != request_id:
+                    continue
+                delta = out.outputs[0].text_delta
+                reply += delta
+                print(delta, end="", flush=True)
+                done = out.finished
+        print()
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedserve", description="paged-KV LLM inference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable: one batch)")
+    add_engine_args(gen)
+    add_sampling_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat with the model's chat template")
+    chat.add_argument("--system", default=None, help="system message")
+    add_engine_args(chat)
+    add_sampling_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    for register in _optional_commands():
+        register(sub)
+    return parser
+
+
+def _optional_commands():
+    """Subcommands living in their own modules (serve, bench) add themselves through `register`."""
+    registers = []
+    for module in ("pagedserve.entrypoints.openai.cli", "pagedserve.bench.cli"):
+        try:
+            mod = __import__(module, fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):
+                continue  # not built yet
+            raise
+        registers.append(mod.register)
+    return registers
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random-weight HF models (built here, saved as folders) and the real SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+# Prompts of varied length for the parity tests (short questions to a long paragraph).
+PARITY_PROMPTS = [
+    "The capital of France is",
+    "Write a short poem about the sea.",
+    "def fibonacci(n):",
+    "Hello, my name is",
+    "Explain in simple terms how a transformer neural network processes a sentence, step by step, "
+    "starting from tokenization and ending with the prediction of the next word.",
+    "List three fruits:",
+    "In 1969, the Apollo 11 mission landed on the Moon. The astronauts Neil Armstrong and Buzz Aldrin "
+    "walked on the surface while Michael Collins orbited above. Describe what they might have seen, "
+    "what they carried back to Earth, and why the mission mattered for science and for the world.",
+    "Q: What is 12 times 7?\nA:",
+]
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from pagedserve.model.loader import resolve_model_path
+
+    return resolve_model_path("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_path):
+    from pagedserve.model.loader import load_tokenizer
+
+    return load_tokenizer(smollm2_path)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own model from the same GGUF: the reference for greedy parity."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """transformers greedy decoding of one prompt (no padding), trimmed at EOS as our engine stops."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=eos_token_id or 0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def _save_tiny(kind: str, folder: Path, tokenizer) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1234)
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  max_position_embeddings=512, rms_norm_eps=1e-5, initializer_range=0.1,
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if kind == "llama":  # grouped-query attention, tied embeddings
+        cfg = LlamaConfig(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                          rope_theta=10000.0, **common)
+        model = LlamaForCausalLM(cfg)
+    else:  # Qwen2: q/k/v bias, untied output projection
+        cfg = Qwen2Config(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False,
+                          rope_theta=1000000.0, **common)
+        model = Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # make the biases matter
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    return _save_tiny("llama", tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    return _save_tiny("qwen2", tmp_path_factory.mktemp("tiny-qwen2"), smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_dir):
+    from pagedserve import LLM
+
+    return LLM(str(tiny_llama_dir), num_blocks=64, block_size=4, max_num_seqs=8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    from pagedserve import LLM
+
+    return LLM("smollm2-135m")
