@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import time
+
 import torch
 
 from pagedserve.outputs import RequestMetrics
