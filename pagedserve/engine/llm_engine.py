@@ -195,6 +195,11 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self._groups)
 
+    def running_request_ids(self) -> list[str]:
+        """Ids of the requests with a sequence in the running batch (what a failed step was working on)."""
+        groups = (self._seq_to_group.get(r.request_id) for r in self.scheduler.running)
+        return sorted({g.request_id for g in groups if g is not None})
+
     # --- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:

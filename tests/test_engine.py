@@ -1,0 +1,119 @@
+"""Engine behaviour on tiny random-weight models: parity with transformers, invariants, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve import LLM, SamplingParams
+from tests.conftest import hf_greedy
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog and keeps running far away",
+           "1 2 3 4 5 6", "A", "Once upon a time in a land far, far away, there lived a small dragon who"]
+
+
+def _hf_model(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("which", ["tiny_llama_dir", "tiny_qwen2_dir"])
+@pytest.mark.parametrize("options", [{}, {"num_blocks": 14, "block_size": 4}, {"max_num_batched_tokens": 5},
+                                     {"policy": "static", "max_num_seqs": 2}],
+                         ids=["batch", "preempt", "chunked", "static"])
+def test_greedy_matches_transformers(which, options, request):
+    folder = request.getfixturevalue(which)
+    llm = LLM(str(folder), **options)
+    tok = llm.get_tokenizer()
+    hf = _hf_model(folder)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, tok.encode(prompt), 24, None), prompt
+    assert llm.engine.kv_stats().free_blocks == llm.engine.kv_stats().total_blocks
+    if "num_blocks" in options:
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_no_block_is_shared_and_all_are_freed(tiny_llm):
+    engine = tiny_llm.engine
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=30)
+    for i, p in enumerate(PROMPTS * 2):
+        engine.add_request(f"inv-{i}", p, params)
+    step = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        owners: dict[int, str] = {}
+        for rid, table in engine.kv.block_tables.items():
+            for b in table:
+                assert b not in owners, f"block {b} held by {owners[b]} and {rid}"
+                owners[b] = rid
+        step += 1
+        if step == 5:
+            engine.abort_request(["inv-0", "inv-3"])
+    st = engine.kv_stats()
+    assert st.free_blocks == st.total_blocks and st.active_requests == 0
+
+
+def test_seeded_request_same_alone_and_in_busy_batch(tiny_llm):
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=42, max_tokens=20)
+    alone = tiny_llm.generate(["Tell me a story"], seeded, use_tqdm=False)[0].outputs[0]
+    noise = SamplingParams(temperature=1.2, max_tokens=25)
+    batch = tiny_llm.generate(PROMPTS + ["Tell me a story"] + PROMPTS, [noise] * 5 + [seeded] + [noise] * 5,
+                              use_tqdm=False)
+    assert batch[5].outputs[0].token_ids == alone.token_ids
+    assert batch[5].outputs[0].text == alone.text
+
+
+def test_bad_requests_are_refused_and_others_finish(tiny_llm):
+    engine = tiny_llm.engine
+    engine.add_request("good", "Hello there", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    engine.step()
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request("empty", "", SamplingParams())
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        engine.add_request("ids", [10**9], SamplingParams())
+    with pytest.raises(ValueError, match="max_model_len|limit"):
+        engine.add_request("long", list(range(5000)), SamplingParams())
+    with pytest.raises(ValueError, match="max_tokens"):
+        engine.add_request("huge", "hi", SamplingParams(max_tokens=100000))
+    with pytest.raises(ValueError, match="temperature"):
+        engine.add_request("bad", "hi", SamplingParams(temperature=-1))
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("good", "hi", SamplingParams())
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            done[out.request_id] = out
+    assert list(done) == ["good"]
+    assert len(done["good"].outputs[0].token_ids) == 10
+    assert engine.kv_stats().free_blocks == engine.kv_stats().total_blocks
+
+
+def test_n_stop_strings_logprobs_and_metrics(tiny_llm):
+    greedy = tiny_llm.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                               use_tqdm=False)[0].outputs[0]
+    cut = greedy.text[len(greedy.text) // 2:][:4]
+    assert cut
+    stopped = tiny_llm.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                                                                stop=[cut]), use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == cut
+    assert stopped.text == greedy.text[: greedy.text.index(cut)]
+
+    out = tiny_llm.generate(["Hello"], SamplingParams(n=3, temperature=1.0, seed=1, max_tokens=8, logprobs=2),
+                            use_tqdm=False)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    for c in out.outputs:
+        assert len(c.token_ids) == len(c.logprobs) <= 8
+        for tok, lp in zip(c.token_ids, c.logprobs, strict=True):
+            assert tok in lp and lp[tok].logprob <= 0
+    m = out.metrics
+    assert m.queue_time >= 0 and m.ttft >= m.queue_time and m.e2e_latency >= m.ttft
+    assert m.mean_itl is None or m.mean_itl >= 0
+
+
+def test_llm_chat_applies_template(tiny_llm):
+    out = tiny_llm.chat([{"role": "user", "content": "Hi!"}], SamplingParams(temperature=0, max_tokens=4),
+                        use_tqdm=False)[0]
+    text = tiny_llm.get_tokenizer().decode(out.prompt_token_ids)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("assistant")

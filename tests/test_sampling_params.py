@@ -1,0 +1,24 @@
+import pytest
+
+from pagedserve import SamplingParams
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -0.1), ("temperature", "hot"), ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0),
+    ("top_k", -2), ("min_p", 1.5), ("repetition_penalty", 0.0), ("presence_penalty", 3.0),
+    ("frequency_penalty", -2.5), ("max_tokens", 0), ("min_tokens", -1), ("n", 0), ("n", 1000),
+    ("logprobs", 50), ("seed", 1.5), ("stop", [""]), ("stop_token_ids", [-1]),
+])
+def test_invalid_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
+def test_min_tokens_above_max_tokens_is_refused():
+    with pytest.raises(ValueError, match="min_tokens"):
+        SamplingParams(max_tokens=4, min_tokens=5)
+
+
+def test_stop_string_is_normalised_to_list():
+    p = SamplingParams(stop="###", temperature=0)
+    assert p.stop == ["###"] and p.greedy and not p.needs_penalties
