@@ -1,7 +1,9 @@
 """Paged attention in plain PyTorch (the CPU reference backend).
 
-New K/V are written into the block pool at their slots; each request's context is read back
-through its block table. Decodes are batched into one masked matmul; prefill segments use SDPA.
+Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim]. Gathering a batch's blocks
+through its block tables (`cache[:, tables]`) then yields [kv_heads, B, L, head_dim] contiguous, which
+feeds batched matmuls directly (no transpose copies). New K/V are written at their slots first, so
+every read below sees this step's tokens too.
 """
 
 from __future__ import annotations
@@ -12,22 +14,27 @@ import torch.nn.functional as F
 from pagedserve.attention.metadata import AttentionMetadata
 
 
+def allocate_kv_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    return torch.zeros((kv_heads, num_blocks, block_size, head_dim), dtype=dtype, device=device)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """k_cache: [num_blocks, block_size, kv_heads, head_dim]; k: [T, kv_heads, head_dim]."""
-    kv_heads, head_dim = k.shape[1], k.shape[2]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """k: [T, kv_heads, head_dim] → the slots (block * block_size + offset) of every head."""
+    kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
+    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[length, kv_heads, head_dim] of one request, read through its block table."""
-    return cache[block_table].flatten(0, 1)[:length]
+    """[kv_heads, length, head_dim] of one request, read through its block table."""
+    return cache[:, block_table].flatten(1, 2)[:, :length]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's new tokens)."""
+    """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's new tokens) → [T, heads, head_dim]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     num_heads, head_dim = q.shape[1], q.shape[2]
     kv_heads = k.shape[1]
@@ -36,30 +43,29 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     nd = meta.num_decode_tokens
     if nd:
-        batch = nd
-        # [B, max_blocks, block_size, kvh, d] → [B, kvh, L, d]; the mask hides padding slots.
-        keys = k_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[meta.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        queries = q[:nd].view(batch, kv_heads, group, head_dim)  # heads grouped by their KV head
-        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)  # [B, kvh, group, L]
-        scores.masked_fill_(meta.decode_mask, float("-inf"))
+        # index_select on the (head, block) axis is the fastest contiguous gather on CPU.
+        shape = (kv_heads, nd, -1, head_dim)
+        keys = k_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)  # [kvh, B, L, d]
+        values = v_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)
+        # Query heads are grouped by the KV head they share (as HF's repeat_kv orders them).
+        queries = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1)  # [kvh, B, group, d]
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)  # [kvh, B, group, L]
+        scores.masked_fill_(meta.decode_mask, float("-inf"))  # slots past each context length
         probs = torch.softmax(scores, dim=-1)
-        out[:nd] = torch.matmul(probs, values).view(batch, num_heads, head_dim)
+        out[:nd] = torch.matmul(probs, values).transpose(0, 1).reshape(nd, num_heads, head_dim)
 
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.length)
         qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, heads, Lq, d]
         if seg.context_len == seg.length:  # whole prompt in this step: keys are the new tokens
-            ks, vs, mask, causal = k[sl], v[sl], None, True
+            ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+            mask, causal = None, True
         else:  # a later chunk: attend to the cached prefix plus this chunk, causally
             ks = gather_context(k_cache, seg.block_table, seg.context_len)
             vs = gather_context(v_cache, seg.block_table, seg.context_len)
-            offset = seg.context_len - seg.length
-            rows = torch.arange(seg.length).unsqueeze(1) + offset
-            mask, causal = torch.arange(seg.context_len).unsqueeze(0) <= rows, False
-            mask = mask.to(q.device)
-        ks = ks.transpose(0, 1).unsqueeze(0)
-        vs = vs.transpose(0, 1).unsqueeze(0)
+            rows = torch.arange(seg.length, device=q.device).unsqueeze(1) + (seg.context_len - seg.length)
+            mask, causal = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= rows, False
+        ks, vs = ks.unsqueeze(0), vs.unsqueeze(0)
         if group > 1:
             ks = ks.repeat_interleave(group, dim=1)
             vs = vs.repeat_interleave(group, dim=1)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata, PrefillSegment
+from pagedserve.attention.torch_paged import allocate_kv_cache
 from pagedserve.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.model.config import ModelConfig
 
@@ -34,12 +35,12 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.model = model
         self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.kv_heads = cfg.num_key_value_heads
         self.device = device
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # Pre-allocated once; requests only ever get block ids into these tensors.
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device))
-                          for _ in range(cfg.num_hidden_layers)]
+        args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        self.kv_caches = [(allocate_kv_cache(*args), allocate_kv_cache(*args)) for _ in range(cfg.num_hidden_layers)]
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -77,7 +78,7 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
                 sampled.append(s)
 
-        block_tables = context_lens = mask = None
+        block_tables = context_lens = mask = gather_index = None
         if decodes:
             lens = [s.request.num_computed_tokens + 1 for s in decodes]
             max_blocks = -(-max(lens) // self.block_size)
@@ -86,13 +87,16 @@ class ModelRunner:
             block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
             context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
             span = torch.arange(max_blocks * self.block_size, device=dev)
-            mask = (span.unsqueeze(0) >= context_lens.unsqueeze(1)).view(len(decodes), 1, 1, -1)
+            mask = (span.unsqueeze(0) >= context_lens.unsqueeze(1)).view(1, len(decodes), 1, -1)
+            heads = torch.arange(self.kv_heads, device=dev).view(-1, 1) * self.num_blocks
+            gather_index = (heads + block_tables.view(1, -1)).view(-1)
 
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode_tokens=len(decodes),
             decode_block_tables=block_tables,
             decode_context_lens=context_lens,
+            decode_gather_index=gather_index,
             decode_mask=mask,
             prefills=segments,
         )
