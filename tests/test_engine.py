@@ -117,3 +117,29 @@ def test_llm_chat_applies_template(tiny_llm):
                         use_tqdm=False)[0]
     text = tiny_llm.get_tokenizer().decode(out.prompt_token_ids)
     assert "<|im_start|>user" in text and text.rstrip().endswith("assistant")
+
+
+def test_llama3_rope_scaling_matches_transformers(tmp_path, smollm2_tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    cfg = LlamaConfig(vocab_size=len(smollm2_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                      initializer_range=0.1, tie_word_embeddings=False, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path), safe_serialization=True)
+    smollm2_tokenizer.save_pretrained(str(tmp_path))
+    llm = LLM(str(tmp_path))
+    hf = _hf_model(tmp_path)
+    prompt = "A long enough prompt so that positions go well past the short original context " * 2
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    assert out[0].outputs[0].token_ids == hf_greedy(hf, smollm2_tokenizer.encode(prompt), 24, None)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs(tiny_llama_dir, dtype):
+    llm = LLM(str(tiny_llama_dir), dtype=dtype, num_blocks=32, block_size=4)
+    assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
+    out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 6 for o in out)
