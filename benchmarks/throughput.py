@@ -14,31 +14,16 @@ import random
 import time
 
 import torch
+from corpus import corpus_token_ids  # benchmarks/corpus.py (this folder is on sys.path)
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.model.loader import resolve_model_path
-
-CORPUS = (
-    "The history of computing is a story of people trying to make machines do arithmetic faster and more "
-    "reliably. Early mechanical calculators gave way to electronic computers during the Second World War, "
-    "and the invention of the transistor made them smaller, cheaper and far more dependable. Programming "
-    "languages grew from raw machine code into assembly, then into compiled languages that let engineers "
-    "describe algorithms in terms closer to mathematics. Operating systems learned to share one processor "
-    "among many programs, networks connected machines across continents, and the web turned documents into "
-    "applications. Today large language models predict the next word of a text with billions of learned "
-    "parameters, and serving them efficiently means caring about memory bandwidth, batching and latency. "
-    "Gardening, by contrast, rewards patience: soil must be prepared, seeds sown at the right depth, and "
-    "seedlings watered without drowning their roots. A vegetable bed needs sun for most of the day, while "
-    "ferns and hostas prefer the shade under trees. Compost returns nutrients to the ground, and rotating "
-    "crops each year keeps pests and diseases from settling in. Cooks know that the same tomato tastes "
-    "different in August than in January, and that a pinch of salt can change a whole dish. "
-)
 
 
 def make_workload(tokenizer, n: int, seed: int) -> list[tuple[list[int], int]]:
     """(prompt token ids, max_tokens) pairs: real text, lengths 20–200 tokens, outputs 10–300."""
     rng = random.Random(seed)
-    text_ids = tokenizer.encode(CORPUS * 4)
+    text_ids = corpus_token_ids(tokenizer)
     work = []
     for _ in range(n):
         length = rng.randint(20, 200)

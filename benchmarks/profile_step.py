@@ -1,0 +1,103 @@
+"""Where one engine step's time goes, in steady-state decode at a given batch size.
+
+Wall time per step is split into: scheduling (Scheduler.schedule), input preparation
+(ModelRunner.prepare_inputs), the model forward, the LM head, sampling, and the rest of the engine's
+bookkeeping (token append, stop checks, detokenization). Inside the forward, torch.profiler's per-op
+self time is grouped into matmuls, attention + KV gather/write, and other kernels; what the profiler
+does not see is Python overhead between kernels.
+
+    .venv/bin/python benchmarks/profile_step.py --batch 16 --context 200 --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+from corpus import corpus_token_ids  # benchmarks/corpus.py (this folder is on sys.path)
+from torch.profiler import ProfilerActivity, profile
+
+from pagedserve import LLM, SamplingParams
+
+MATMUL = {"aten::mm", "aten::addmm"}
+ATTENTION = {"aten::index_select", "aten::index_copy_", "aten::bmm", "aten::_softmax", "aten::masked_fill_",
+             "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::repeat_interleave"}
+
+
+def _timed(obj, name: str, bucket: dict[str, float], key: str) -> None:
+    fn = getattr(obj, name)
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            bucket[key] += time.perf_counter() - t
+
+    setattr(obj, name, wrapper)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--context", type=int, default=200, help="prompt tokens per request")
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+
+    llm = LLM("smollm2-135m", max_num_seqs=args.batch)
+    engine = llm.engine
+    ids = corpus_token_ids(llm.get_tokenizer())
+    params = SamplingParams(temperature=0, max_tokens=args.steps + 20, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(None, {"prompt_token_ids": ids[i * 7:i * 7 + args.context]}, params)
+    while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+
+    parts: dict[str, float] = defaultdict(float)
+    _timed(engine.scheduler, "schedule", parts, "schedule")
+    _timed(engine.runner, "prepare_inputs", parts, "prepare_inputs")
+    _timed(engine.model, "forward", parts, "forward")
+    _timed(engine.model, "compute_logits", parts, "lm_head")
+    _timed(engine, "sampler", parts, "sampling")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        wall = time.perf_counter() - start
+    # The profiler's own overhead inflates the wall time; a second, unprofiled pass gives the real figure.
+    plain = time.perf_counter()
+    for _ in range(10):
+        engine.step()
+    plain_step = (time.perf_counter() - plain) / 10
+
+    ops: dict[str, float] = defaultdict(float)
+    for evt in prof.key_averages():
+        group = "matmul" if evt.key in MATMUL else "attention+kv" if evt.key in ATTENTION else "other kernels"
+        ops[group] += evt.self_cpu_time_total / 1e6
+    n = args.steps
+    forward = parts["forward"] + parts["lm_head"]
+    kernels = sum(ops.values())
+    rows = [
+        ("matmuls (linear layers + LM head)", ops["matmul"]),
+        ("attention + KV write/gather", ops["attention+kv"]),
+        ("other kernels (norms, rotary, activations)", ops["other kernels"]),
+        ("Python overhead inside the forward", max(0.0, forward - kernels)),
+        ("input preparation (slots, block tables)", parts["prepare_inputs"]),
+        ("scheduling", parts["schedule"]),
+        ("sampling", parts["sampling"]),
+        ("engine bookkeeping (append, stops, detokenize)",
+         wall - forward - parts["prepare_inputs"] - parts["schedule"] - parts["sampling"]),
+    ]
+    print(f"batch={args.batch} context~{args.context}: {plain_step * 1000:.1f} ms/step unprofiled = "
+          f"{args.batch / plain_step:.0f} tok/s; profiled {wall / n * 1000:.1f} ms/step")
+    print("| part | ms/step (profiled) | share |\n| --- | ---: | ---: |")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds / n * 1000:.1f} | {seconds / wall * 100:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
