@@ -203,12 +203,16 @@ class LLMEngine:
     # --- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        outputs, self._pending_outputs = self._pending_outputs, []
         start = time.monotonic()
         sched = self.scheduler.schedule()
+        outputs, self._pending_outputs = self._pending_outputs, []
         if sched.empty:
             return outputs
-        logits, sampled = self.runner.execute(sched)
+        try:
+            logits, sampled = self.runner.execute(sched)
+        except Exception:
+            self._pending_outputs = outputs + self._pending_outputs  # keep abort outputs for the next step
+            raise
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
         touched: dict[str, _Group] = {}

@@ -81,7 +81,9 @@ class Sampler:
             top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in sub])
             top_p = torch.tensor([p.top_p for p in sub], dtype=logits.dtype)
             min_p = torch.tensor([p.min_p for p in sub], dtype=logits.dtype)
-            filtered = filter_logits(logits[rows] / temps, top_k, top_p, min_p)
+            filtered = logits[rows] / temps
+            if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub):  # sorting is the slow part
+                filtered = filter_logits(filtered, top_k, top_p, min_p)
             probs = filtered.softmax(dim=-1).cpu()  # per-request CPU generators draw the noise
             for j, i in enumerate(sampled_rows):
                 tokens[i] = sample_from(probs[j], requests[i].generator)

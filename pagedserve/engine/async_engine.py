@@ -1,0 +1,357 @@
+"""AsyncLLMEngine: one thread runs engine steps while requests arrive; each request gets an async stream.
+
+The LLMEngine is touched only by its own thread. The event loop hands it work (add / abort) through
+a command list guarded by a Condition, on which the thread sleeps when it has nothing to do (no
+polling, no sleeps). Outputs go back with `loop.call_soon_threadsafe`, one call per step, into
+per-request asyncio queues, so a slow HTTP client only ever delays its own stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from pagedserve.engine.llm_engine import LLMEngine, PromptType
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Called on the engine thread after every loop iteration (metrics read the engine's state here).
+StepHook = Callable[[LLMEngine, list[RequestOutput]], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped (crashed or shut down): nothing more will be served."""
+
+
+class EngineStepError(RuntimeError):
+    """An engine step raised while it was working on this request; the request was aborted."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Admission bound reached: the request was not queued."""
+
+
+_CLOSED = object()  # put into an aborted stream's queue to wake its reader
+
+
+class RequestStream:
+    """The outputs of one request, in order. Ends after the finished output, or raises the error."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._queue: asyncio.Queue[RequestOutput | BaseException | object] = asyncio.Queue()
+        self.finished = False
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self._queue.put_nowait(item)
+
+    def close(self) -> None:
+        """End the stream early (aborted): a reader waiting on it stops instead of hanging."""
+        self.finished = True
+        self._queue.put_nowait(_CLOSED)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _CLOSED or self.finished:
+            raise StopAsyncIteration
+        # A client that reads slower than the engine steps gets what piled up as one output.
+        while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if nxt is _CLOSED:
+                raise StopAsyncIteration
+            if isinstance(nxt, BaseException):
+                item = nxt
+                break
+            item = merge_outputs(item, nxt)
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        assert isinstance(item, RequestOutput)
+        self.finished = item.finished
+        return item
+
+
+def merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """`new` with the deltas of `old` prepended: what one output covering both steps would hold."""
+    prev = {c.index: c for c in old.outputs}
+    merged = []
+    for c in new.outputs:
+        p = prev.get(c.index)
+        if p is not None:
+            c = replace(c, text_delta=p.text_delta + c.text_delta,
+                        token_ids_delta=list(p.token_ids_delta) + list(c.token_ids_delta))
+        merged.append(c)
+    return replace(new, outputs=merged)
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    arrival_time: float
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    future: asyncio.Future[object]
+
+
+class AsyncLLMEngine:
+    """Runs `engine` on a background thread. Every public method is called from the event loop."""
+
+    def __init__(self, engine: LLMEngine, max_in_flight: int = 1024, on_step: StepHook | None = None) -> None:
+        self.engine = engine
+        self.max_in_flight = max_in_flight
+        self.on_step = on_step
+        self._cond = threading.Condition()
+        self._commands: list[_Add | _Abort | _Call] = []  # guarded by _cond
+        self._stopping = False
+        self._draining = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._streams: dict[str, RequestStream] = {}  # event-loop side: admitted, not yet finished
+        self._active: set[str] = set()  # engine-thread side: ids the LLMEngine holds
+        self.dead_error: BaseException | None = None
+        self.num_step_errors = 0
+
+    # --- lifecycle (event loop) ---------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine loop already started")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self, timeout: float | None = 30.0) -> None:
+        """Abort what is still in flight and end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, timeout)
+        self._fail_all(EngineDeadError("the server is shutting down"))
+
+    def drain(self, grace_s: float) -> None:
+        """Graceful shutdown, first half: admit nothing more; whatever still runs after `grace_s` is
+        aborted, and its stream ends with a finish_reason "abort" output rather than a cut connection."""
+        self._draining = True
+        assert self._loop is not None
+        self._loop.call_later(grace_s, self._abort_in_flight)
+
+    def drain_threadsafe(self, grace_s: float) -> None:
+        """`drain` from a signal handler or another thread."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.drain, grace_s)
+
+    def _abort_in_flight(self) -> None:
+        for rid in list(self._streams):
+            self._submit(_Abort(rid))  # the stream stays registered: the engine's abort output ends it
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        """Why no new request is accepted, or None while the loop is alive and accepting."""
+        if self._thread is None:
+            return "the engine loop has not started"
+        if self.dead_error is not None or not self._thread.is_alive():
+            return f"the engine loop died: {self.dead_error!r}"
+        if self._stopping or self._draining:
+            return "the server is shutting down"
+        return None
+
+    @property
+    def is_running(self) -> bool:
+        """True while the loop thread is alive and accepting work (what /health reports)."""
+        return self.unavailable_reason is None
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    def has_capacity(self, num_requests: int = 1) -> bool:
+        return len(self._streams) + num_requests <= self.max_in_flight
+
+    # --- requests (event loop) ----------------------------------------------------------------
+
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
+                          arrival_time: float | None = None) -> RequestStream:
+        """Queue a request and wait until the engine accepted it.
+
+        Raises EngineOverloadedError beyond the admission bound, ValueError when the engine refuses
+        the request, EngineDeadError when the loop is not running.
+        """
+        if not self.is_running:
+            raise EngineDeadError(self.unavailable_reason) from self.dead_error
+        if not self.has_capacity():
+            raise EngineOverloadedError(f"{len(self._streams)} requests in flight; the limit is {self.max_in_flight}")
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        assert self._loop is not None
+        stream = RequestStream(request_id)
+        self._streams[request_id] = stream
+        future: asyncio.Future[None] = self._loop.create_future()
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self._submit(_Add(request_id, prompt, params, arrival, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the caller went away while the request was being admitted
+            raise
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; the engine thread frees its KV blocks before its next step."""
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return  # already finished, failed or aborted
+        stream.close()
+        self._submit(_Abort(request_id))
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` on the engine thread between two steps, after every command sent before it
+        (so after an `abort` it sees the blocks freed). For consistent reads of the engine's state."""
+        if self._stopping or self.dead_error is not None or not (self._thread and self._thread.is_alive()):
+            raise EngineDeadError("the engine loop is not running") from self.dead_error
+        assert self._loop is not None
+        future: asyncio.Future[object] = self._loop.create_future()
+        self._submit(_Call(fn, future))
+        return await future  # type: ignore[return-value]
+
+    def _submit(self, command: _Add | _Abort | _Call) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    # --- event-loop callbacks (posted by the engine thread) ----------------------------------
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            stream.put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+
+    def _fail(self, request_ids: list[str], error: BaseException) -> None:
+        for rid in request_ids:
+            stream = self._streams.pop(rid, None)
+            if stream is not None:
+                stream.put(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._fail(list(self._streams), error)
+
+    @staticmethod
+    def _resolve(future: asyncio.Future, error: BaseException | None, result: object = None) -> None:
+        if future.done():
+            return  # the caller was cancelled
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def _post(self, fn: Callable[..., None], *args: object) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop is closed: nobody is left to tell
+            pass
+
+    # --- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._serve_once():
+                pass
+        except BaseException as e:  # the loop is dead: fail everyone, /health turns 503
+            logger.exception("engine loop died")
+            self.dead_error = e
+            self._post(self._fail_all, EngineDeadError(f"the engine loop died: {e!r}"))
+
+    def _serve_once(self) -> bool:
+        with self._cond:
+            while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
+                self._cond.wait()
+            commands, self._commands = self._commands, []
+            stopping = self._stopping
+        for command in commands:
+            self._apply(command)
+        if stopping and self._active:
+            self.engine.abort_request(sorted(self._active))
+            self._active.clear()
+        outputs = self._step() if self.engine.has_unfinished_requests() else []
+        if self.on_step is not None:  # before delivery: a client never sees metrics older than its reply
+            try:
+                self.on_step(self.engine, outputs)
+            except Exception:  # a metrics bug must not take the engine down
+                logger.exception("on_step hook failed")
+        if outputs:
+            self._post(self._deliver, outputs)
+        return not stopping
+
+    def _apply(self, command: _Add | _Abort | _Call) -> None:
+        if isinstance(command, _Abort):
+            if command.request_id in self._active:
+                self._active.discard(command.request_id)
+                self.engine.abort_request(command.request_id)
+            return
+        if isinstance(command, _Call):
+            try:
+                self._post(self._resolve, command.future, None, command.fn(self.engine))
+            except Exception as e:
+                self._post(self._resolve, command.future, e)
+            return
+        error: BaseException | None = None
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
+            self._active.add(command.request_id)
+        except Exception as e:  # refused before it touched the engine's state
+            error = e
+        self._post(self._resolve, command.future, error)
+
+    def _step(self) -> list[RequestOutput]:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            self.num_step_errors += 1
+            logger.exception("engine step failed")
+            # Fail the requests the step was working on. When none is running (the step failed
+            # before scheduling) fail them all, or the same error would repeat forever; with no
+            # request to blame at all the engine itself is broken: the loop dies.
+            failed = [r for r in self.engine.running_request_ids() if r in self._active] or sorted(self._active)
+            if not failed:
+                raise
+            self.engine.abort_request(failed)  # frees their blocks; if this raises, the loop is dead
+            self._active.difference_update(failed)
+            self._post(self._fail, failed, EngineStepError(f"engine step failed: {e!r}"))
+            return []
+        for out in outputs:
+            if out.finished:
+                self._active.discard(out.request_id)
+        return outputs

@@ -1,0 +1,81 @@
+"""`pagedserve serve`: the OpenAI-compatible server (FastAPI + uvicorn).
+
+Imports of the web stack happen inside the command, so `pagedserve --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+from pagedserve.entrypoints.cli import add_engine_args, engine_kwargs
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                        "(default: $PAGEDSERVE_API_KEY)")
+    g.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    g.add_argument("--max-queued-requests", type=int, default=256,
+                   help="requests admitted beyond the running batch (max-num-seqs); more get 503")
+    g.add_argument("--max-request-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    g.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from pagedserve.config import EngineConfig
+    from pagedserve.engine.llm_engine import LLMEngine
+    from pagedserve.entrypoints.openai.api_server import build_app
+    from pagedserve.entrypoints.openai.serving_base import ServerConfig
+
+    if args.max_queued_requests < 0:
+        raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.max_request_body_bytes < 1:
+        raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = LLMEngine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+    config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key or None,
+                          max_queued_requests=args.max_queued_requests,
+                          max_body_bytes=args.max_request_body_bytes)
+    return run_server(build_app(engine, config), args.host, args.port, args.shutdown_timeout, args.log_level)
+
+
+def run_server(app, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> int:
+    """Serve until SIGTERM/SIGINT. Then: stop accepting, let in-flight requests finish, abort the ones
+    still running after `shutdown_timeout` (they end with finish_reason "abort"), stop the engine loop
+    and return 0."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            app.state.async_engine.drain_threadsafe(shutdown_timeout)
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own deadline is a backstop: by then our drain has ended every request.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout + 10)
+    server = Server(config)
+    # uvicorn re-raises the signal it caught once its graceful shutdown is over; with a no-op handler
+    # in place that is a plain return, so the process exits 0 instead of dying by the signal.
+    previous = {sig: signal.signal(sig, _ignore) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1
+
+
+def _ignore(signum: int, frame: object) -> None:
+    pass

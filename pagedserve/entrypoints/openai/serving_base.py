@@ -1,0 +1,256 @@
+"""What completions and chat share: validation before admission, admission, streams, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+from fastapi import Request
+
+from pagedserve.engine.async_engine import (
+    AsyncLLMEngine,
+    EngineDeadError,
+    EngineOverloadedError,
+    EngineStepError,
+    RequestStream,
+)
+from pagedserve.entrypoints.openai.errors import (
+    APIError,
+    bad_request,
+    from_value_error,
+    internal_error,
+    overloaded,
+    unavailable,
+)
+from pagedserve.entrypoints.openai.protocol import SamplingFields
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+T = TypeVar("T")
+OFF_LOOP_CHARS = 8192
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    # Requests admitted beyond what the running batch holds (max_num_seqs); more get 503.
+    max_queued_requests: int = 256
+    max_body_bytes: int = 1 << 20
+    retry_after_s: int = 1
+
+
+@dataclass
+class Prompt:
+    """One prompt as the engine gets it (token ids) and as echo shows it (text)."""
+
+    text: str
+    token_ids: list[int]
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away; its requests were aborted."""
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class RequestGroup:
+    """The engine requests behind one HTTP request (one per prompt); aborting is idempotent."""
+
+    def __init__(self, engine: AsyncLLMEngine, request_ids: list[str], streams: list[RequestStream]) -> None:
+        self.engine = engine
+        self.request_ids = request_ids
+        self.streams = streams
+
+    def abort(self) -> None:
+        for rid, stream in zip(self.request_ids, self.streams, strict=True):
+            if not stream.finished:
+                self.engine.abort(rid)
+
+    def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        return merge_streams(self.streams)
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, tokenizer, config: ServerConfig, max_model_len: int,
+                 capacity_tokens: int, vocab_size: int) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer  # a copy: the engine thread decodes with its own
+        self.config = config
+        self.model_name = config.served_model_name
+        self.max_model_len = max_model_len
+        self.capacity_tokens = capacity_tokens
+        self.vocab_size = vocab_size
+
+    # --- validation (nothing here touches the engine) -----------------------------------------
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(400, f"model {model!r} is not served here; this server serves {self.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_common(self, req: SamplingFields) -> None:
+        self.check_model(req.model)
+        if req.stream_options is not None and not req.stream:
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    async def off_loop(self, size: int, fn: Callable[..., T], *args: object) -> T:
+        """Run tokenizer work for a long input in a worker thread, so that the event loop keeps
+        streaming other requests' tokens meanwhile; short inputs are cheaper done in place."""
+        if size < OFF_LOOP_CHARS:
+            return fn(*args)
+        return await asyncio.to_thread(fn, *args)
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise bad_request(f"{param} must not be empty", param)
+        if any(t < 0 or t >= self.vocab_size for t in ids):
+            raise bad_request(f"{param} must hold token ids in [0, {self.vocab_size})", param)
+
+    def check_length(self, num_prompt: int, max_tokens: int | None, prompt_param: str,
+                     max_tokens_param: str) -> None:
+        """The engine's limits, checked here so that the error names the field the client sent."""
+        limit = min(self.max_model_len, self.capacity_tokens)
+        if num_prompt >= limit:
+            raise APIError(400, f"{prompt_param} has {num_prompt} tokens; this model's context allows at most "
+                                f"{limit - 1} prompt tokens (max_model_len={self.max_model_len})",
+                           "invalid_request_error", prompt_param, "context_length_exceeded")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise APIError(400, f"{max_tokens_param}={max_tokens} plus the prompt's {num_prompt} tokens exceeds "
+                                f"the context length of {limit} tokens",
+                           "invalid_request_error", max_tokens_param, "context_length_exceeded")
+
+    def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                        renames: dict[str, str] | None = None) -> SamplingParams:
+        """SamplingParams checks every range; its message names the field, renamed to the wire name."""
+        values = dict(
+            n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty, seed=req.seed, max_tokens=max_tokens,
+            min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos, logprobs=logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            skip_special_tokens=req.skip_special_tokens)
+        try:
+            return SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
+        except ValueError as e:
+            raise from_value_error(e, renames) from None
+
+    # --- admission ----------------------------------------------------------------------------
+
+    async def admit(self, prefix: str, prompts: Sequence[Prompt], params: SamplingParams,
+                    arrival_time: float) -> RequestGroup:
+        """All prompts are admitted or none: 503 beyond the queue bound, 400 if the engine refuses."""
+        if not self.engine.has_capacity(len(prompts)):
+            raise overloaded(f"the server is at its limit of {self.engine.max_in_flight} requests in flight; "
+                             "retry later", self.config.retry_after_s)
+        ids: list[str] = []
+        streams: list[RequestStream] = []
+        try:
+            for i, p in enumerate(prompts):
+                rid = f"{prefix}-{i}"
+                streams.append(await self.engine.add_request(rid, {"prompt_token_ids": p.token_ids}, params,
+                                                             arrival_time))
+                ids.append(rid)
+        except BaseException as e:
+            RequestGroup(self.engine, ids, streams).abort()
+            if isinstance(e, EngineOverloadedError):
+                raise overloaded(f"the server is at its limit of requests in flight: {e}",
+                                 self.config.retry_after_s) from None
+            if isinstance(e, EngineDeadError):
+                raise unavailable(str(e)) from None
+            if isinstance(e, ValueError):
+                raise from_value_error(e) from None
+            raise
+        return RequestGroup(self.engine, ids, streams)
+
+
+def engine_error(e: BaseException) -> APIError:
+    """An error from a request's stream (its step failed, or the loop died under it) → a 500."""
+    if isinstance(e, (EngineStepError, EngineDeadError)):
+        return internal_error(str(e))
+    return internal_error(f"{type(e).__name__}: {e}")
+
+
+async def collect(group: RequestGroup) -> list[RequestOutput]:
+    """The final output of every request in the group."""
+    finals: list[RequestOutput | None] = [None] * len(group.streams)
+    async for i, out in group.outputs():
+        finals[i] = out
+    if any(f is None or not f.finished for f in finals):
+        raise EngineDeadError("the request was aborted before it finished")
+    return finals  # type: ignore[return-value]
+
+
+async def merge_streams(streams: Sequence[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) from several streams as they arrive; the first error ends it."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+            return
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def wait_for_disconnect(raw: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while True:
+        message = await raw.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(raw: Request, awaitable: Awaitable[T]) -> T:
+    """Await `awaitable` unless the client disconnects first (then it is cancelled)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(wait_for_disconnect(raw))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise ClientDisconnected()
+
+
+def sse(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens

@@ -1,0 +1,190 @@
+"""POST /v1/completions: one engine request per prompt, n choices each, plain or streamed (SSE)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pagedserve.entrypoints.openai.errors import bad_request
+from pagedserve.entrypoints.openai.protocol import (
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from pagedserve.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    SSE_HEADERS,
+    ClientDisconnected,
+    OpenAIServing,
+    Prompt,
+    RequestGroup,
+    collect,
+    engine_error,
+    random_id,
+    sse,
+    until_disconnect,
+)
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for the completions endpoint
+
+
+def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], offset: int,
+                        tokenizer) -> CompletionLogProbs:
+    """The legacy logprobs object: each token, its logprob, the top alternatives, text offsets."""
+    out = CompletionLogProbs()
+    for tid, alternatives in zip(token_ids, logprobs, strict=False):
+        chosen = alternatives.get(tid)
+        token = chosen.decoded_token if chosen and chosen.decoded_token is not None else tokenizer.decode([tid])
+        out.tokens.append(token)
+        out.token_logprobs.append(chosen.logprob if chosen else None)
+        ranked = sorted(alternatives.items(), key=lambda kv: (kv[1].rank is None, kv[1].rank or 0))
+        out.top_logprobs.append({lp.decoded_token or tokenizer.decode([t]): lp.logprob for t, lp in ranked})
+        out.text_offset.append(offset)
+        offset += len(token)
+    return out
+
+
+class OpenAIServingCompletion:
+    def __init__(self, serving: OpenAIServing) -> None:
+        self.serving = serving
+
+    async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
+        s = self.serving
+        raw = req.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]
+        if len(raw) > s.engine.max_in_flight:
+            raise bad_request(f"at most {s.engine.max_in_flight} prompts per request", "prompt")
+        prompts = []
+        for p in raw:
+            if isinstance(p, str):
+                if not p:
+                    raise bad_request("prompt must not be empty", "prompt")
+                prompts.append(Prompt(p, await s.off_loop(len(p), s.encode, p)))
+            else:
+                s.check_token_ids(p, "prompt")
+                prompts.append(Prompt(s.tokenizer.decode(p) if req.echo else "", list(p)))
+        return prompts
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        arrival = time.monotonic()
+        s = self.serving
+        s.check_common(req)
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of must be unset or equal to n", "best_of")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo with logprobs needs prompt logprobs, which this server does not compute",
+                              "echo")
+        prompts = await self._prompts(req)
+        max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
+        params = s.sampling_params(req, max_tokens, req.logprobs)
+        for p in prompts:
+            s.check_length(len(p.token_ids), max_tokens, "prompt", "max_tokens")
+
+        request_id = random_id("cmpl")
+        group = await s.admit(request_id, prompts, params, arrival)
+        try:
+            if req.stream:
+                outputs = group.outputs()
+                # The first output comes before the headers: a failure of the first step is still a 500.
+                first = await until_disconnect(raw, anext(outputs))
+            else:
+                finals = await until_disconnect(raw, collect(group))
+        except BaseException as e:
+            group.abort()  # frees the KV blocks of whatever is still running
+            if isinstance(e, ClientDisconnected):
+                return Response(status_code=499)  # nobody is listening
+            if isinstance(e, Exception):
+                raise engine_error(e) from e
+            raise
+        if req.stream:
+            return StreamingResponse(self._sse(req, request_id, prompts, group, outputs, first),
+                                     media_type="text/event-stream", headers=SSE_HEADERS)
+        return JSONResponse(self._response(req, request_id, prompts, finals).model_dump(mode="json"))
+
+    def _response(self, req: CompletionRequest, request_id: str, prompts: list[Prompt],
+                  finals: list[RequestOutput]) -> CompletionResponse:
+        choices = []
+        completion_tokens = 0
+        for pi, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
+            prefix = prompt.text if req.echo else ""
+            for c in final.outputs:
+                completion_tokens += len(c.token_ids)
+                logprobs = None
+                if req.logprobs is not None and c.logprobs is not None:
+                    logprobs = completion_logprobs(c.token_ids, c.logprobs, len(prefix), self.serving.tokenizer)
+                choices.append(CompletionChoice(index=pi * req.n + c.index, text=prefix + c.text, logprobs=logprobs,
+                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+        prompt_tokens = sum(len(p.token_ids) for p in prompts)
+        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                          total_tokens=prompt_tokens + completion_tokens)
+        return CompletionResponse(id=request_id, model=self.serving.model_name, choices=choices, usage=usage)
+
+    async def _sse(self, req: CompletionRequest, request_id: str, prompts: list[Prompt], group: RequestGroup,
+                   outputs: AsyncIterator[tuple[int, RequestOutput]], first: tuple[int, RequestOutput]
+                   ) -> AsyncIterator[str]:
+        n = req.n
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        offsets: dict[int, int] = {}  # choice index → text length sent (for logprobs text_offset)
+        done: set[int] = set()
+        completion_tokens: dict[int, int] = {}
+
+        def chunk(index: int, text: str, logprobs: CompletionLogProbs | None, finish: str | None,
+                  stop_reason: int | str | None = None) -> str:
+            choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=finish,
+                                      stop_reason=stop_reason)
+            body = CompletionResponse(id=request_id, model=self.serving.model_name, choices=[choice])
+            return sse(body.model_dump_json(exclude_none=False, exclude={"usage"} if not include_usage else None))
+
+        def choice_chunk(pi: int, c: CompletionOutput) -> str | None:
+            index = pi * n + c.index
+            if index in done:
+                return None
+            completion_tokens[index] = len(c.token_ids)
+            logprobs = None
+            if req.logprobs is not None and c.logprobs is not None and c.token_ids_delta:
+                k = len(c.token_ids_delta)
+                logprobs = completion_logprobs(c.token_ids_delta, c.logprobs[-k:], offsets.get(index, 0),
+                                               self.serving.tokenizer)
+            if not c.text_delta and logprobs is None and not c.finished:
+                return None
+            offsets[index] = offsets.get(index, 0) + len(c.text_delta)
+            if c.finished:
+                done.add(index)
+            return chunk(index, c.text_delta, logprobs, c.finish_reason, c.stop_reason)
+
+        try:
+            if req.echo:
+                for pi, p in enumerate(prompts):
+                    for i in range(n):
+                        offsets[pi * n + i] = len(p.text)
+                        yield chunk(pi * n + i, p.text, None, None)
+            item: tuple[int, RequestOutput] | None = first
+            while item is not None:
+                pi, out = item
+                for c in out.outputs:
+                    text = choice_chunk(pi, c)
+                    if text is not None:
+                        yield text
+                item = await anext(outputs, None)
+            if include_usage:
+                prompt_tokens = sum(len(p.token_ids) for p in prompts)
+                generated = sum(completion_tokens.values())
+                usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                                  total_tokens=prompt_tokens + generated)
+                body = CompletionResponse(id=request_id, model=self.serving.model_name, choices=[], usage=usage)
+                yield sse(body.model_dump_json())
+        except Exception as e:  # headers are out: report in-band, as vLLM does
+            yield sse(engine_error(e).response().body.decode())
+        finally:
+            group.abort()  # the client went away mid-stream, or an error: free the blocks now
+            await outputs.aclose()
+        yield SSE_DONE
