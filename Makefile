@@ -25,13 +25,13 @@ test: setup
 	$(BIN)/python -m pytest -q -x
 
 demo: setup
-	$(BIN)/python -m pagedserve.entrypoints.demo
+	$(BIN)/python -m pagedserve.bench.demo
 
 lint: setup
 	$(BIN)/ruff check pagedserve tests benchmarks
 
 bench: setup
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/throughput.py --json bench-results/throughput.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import time
 
@@ -95,6 +96,7 @@ def main() -> None:
             if other in by:
                 print(f"continuous / {other}: {by['continuous']['tok_per_s'] / by[other]['tok_per_s']:.2f}x")
     if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)
 

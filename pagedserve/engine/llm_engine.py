@@ -75,6 +75,7 @@ class LLMEngine:
         model.load_weights(iter_weights(path, cfg))
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
         self.model.rotary.float()  # cos/sin tables stay float32 for accuracy; cast per step
+        self.model.prepare_for_inference()
         self.tokenizer = load_tokenizer(path)
 
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings,
