@@ -1,0 +1,60 @@
+"""The offline comparison: one workload through this engine under each policy (a fresh engine each,
+same options) and optionally through HF transformers, then one report for all of them.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+
+from pagedserve.bench.metrics import SLO
+from pagedserve.bench.records import RunResult
+from pagedserve.bench.report import write_report
+from pagedserve.bench.workloads import Workload, save_jsonl
+from pagedserve.config import POLICIES
+
+BASELINES = ("hf",)
+
+
+def run_offline(workload: Workload, model: str, engine_options: dict, policies: Sequence[str] = ("continuous", "static"),
+                baselines: Sequence[str] = (), hf_batch_size: int = 16, out_dir: str | Path = "bench-results/latest",
+                slo: SLO | None = None, progress: bool = True, command: str | None = None) -> dict:
+    """Run every system on `workload` and write the report; returns the results dict (as in results.json).
+
+    A system that fails is reported and skipped, so one broken baseline doesn't discard the others' runs.
+    """
+    bad = [p for p in policies if p not in POLICIES]
+    if bad:
+        raise ValueError(f"policy must be among {POLICIES}, got {bad}")
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ValueError(f"baseline must be among {BASELINES}, got {bad}")
+    if not policies and not baselines:
+        raise ValueError("nothing to run: give at least one policy or baseline")
+    options = {k: v for k, v in engine_options.items() if k != "policy"}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_jsonl(workload, out / "workload.jsonl")  # so any other system can be given the identical work
+
+    runs: list[RunResult] = []
+    failures: list[str] = []
+
+    def attempt(name: str, fn) -> None:
+        try:
+            runs.append(fn())
+        except Exception as e:  # noqa: BLE001 - keep the other systems' measurements
+            traceback.print_exc()
+            failures.append(f"{name}: {type(e).__name__}: {e}")
+
+    for policy in policies:
+        from pagedserve.bench.runners.engine import run_engine
+
+        attempt(f"pagedserve-{policy}", lambda p=policy: run_engine(workload, model, p, options, progress))
+    if "hf" in baselines:
+        from pagedserve.bench.runners.hf import run_hf
+
+        attempt("hf", lambda: run_hf(workload, model, hf_batch_size, int(options.get("block_size") or 16), progress))
+    if not runs:
+        raise RuntimeError("every system failed: " + "; ".join(failures))
+    return write_report(out, workload, runs, slo, command=command, notes=[f"not measured — {f}" for f in failures])

@@ -1,0 +1,180 @@
+"""PNG plots of a benchmark, drawn with matplotlib's Agg canvas (no display, no pyplot global state).
+
+One function per figure; each takes the runs (and their summaries) and writes one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from pagedserve.bench import metrics
+from pagedserve.bench.records import RunResult
+
+PLOT_FILES = ("throughput.png", "latency_cdf.png", "ttft_over_time.png", "batch_size.png", "kv_blocks.png",
+              "fragmentation.png")
+
+
+def _figure(width: float = 10, height: float = 5) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _color(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def _no_data(fig: Figure, text: str) -> None:
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=12)
+
+
+def throughput(runs: Sequence[RunResult], summaries: Sequence[dict], path: Path) -> None:
+    fig = _figure(11, 4.5)
+    names = [r.system for r in runs]
+    panels = (("output_throughput", "output tokens / s"), ("request_throughput", "requests / s"))
+    for ax, (key, label) in zip(fig.subplots(1, 2), panels, strict=True):
+        values = [s[key] for s in summaries]
+        bars = ax.bar(range(len(names)), values, color=[_color(i) for i in range(len(names))])
+        ax.bar_label(bars, fmt="%.2f", fontsize=9)
+        ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=9)
+        ax.set_ylabel(label)
+        ax.set_title(f"Throughput: {label}")
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
+def latency_cdf(runs: Sequence[RunResult], path: Path) -> None:
+    fig = _figure(14, 4.5)
+    panels = (("TTFT", lambda run: [v for r in run.requests if r.ok and (v := metrics.ttft(r)) is not None]),
+              ("inter-token latency", lambda run: [g for r in run.requests if r.ok for g in metrics.itls(r)]),
+              ("end-to-end latency", lambda run: [v for r in run.requests if r.ok and (v := metrics.e2e(r)) is not None]))
+    for ax, (title, values_of) in zip(fig.subplots(1, 3), panels, strict=True):
+        for i, run in enumerate(runs):
+            xs = sorted(values_of(run))
+            if xs:
+                ys = [(k + 1) / len(xs) for k in range(len(xs))]
+                ax.step(xs, ys, where="post", color=_color(i), label=run.system)
+        ax.set_xlabel("seconds")
+        ax.set_ylabel("fraction of requests" if title != "inter-token latency" else "fraction of token gaps")
+        ax.set_title(f"CDF: {title}")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0, 1.02)
+    fig.axes[0].legend(fontsize=8)
+    fig.savefig(path)
+
+
+def ttft_over_time(runs: Sequence[RunResult], path: Path) -> None:
+    fig = _figure(10, 4.5)
+    ax = fig.subplots()
+    for i, run in enumerate(runs):
+        pts = [(r.arrival, metrics.ttft(r)) for r in run.requests if r.ok and r.first_token is not None]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, color=_color(i), label=run.system, alpha=0.8)
+    ax.set_xlabel("arrival time (s since start)")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title("TTFT by arrival time: waiting for a batch shows up as a staircase")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
+def _stepped(runs: Sequence[RunResult]) -> list[tuple[int, RunResult]]:
+    return [(i, r) for i, r in enumerate(runs) if r.steps]
+
+
+def batch_size(runs: Sequence[RunResult], path: Path) -> None:
+    with_steps = _stepped(runs)
+    fig = _figure(10, 2.2 + 1.8 * max(1, len(with_steps)))
+    if not with_steps:
+        _no_data(fig, "no per-step data (systems measured over HTTP report none)")
+        fig.savefig(path)
+        return
+    axes = fig.subplots(len(with_steps), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (i, run) in zip(axes, with_steps, strict=True):
+        ts = [s.t for s in run.steps]
+        ax.step(ts, [s.batch_size for s in run.steps], where="post", color=_color(i), label="sequences in the step")
+        if any(s.num_waiting for s in run.steps):
+            ax.step(ts, [s.num_waiting for s in run.steps], where="post", color="gray", alpha=0.7,
+                    linestyle="--", label="waiting")
+        ax.set_ylabel("requests")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(run.system, fontsize=10, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[-1].set_xlabel("time (s since start)")
+    fig.suptitle("Batch size over time")
+    fig.savefig(path)
+
+
+def kv_blocks(runs: Sequence[RunResult], path: Path) -> None:
+    with_steps = _stepped(runs)
+    fig = _figure(10, 2.2 + 2.0 * max(1, len(with_steps)))
+    if not with_steps:
+        _no_data(fig, "no per-step data (systems measured over HTTP report none)")
+        fig.savefig(path)
+        return
+    axes = fig.subplots(len(with_steps), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (i, run) in zip(axes, with_steps, strict=True):
+        bs = run.steps[0].block_size
+        ts = [s.t for s in run.steps]
+        alloc = [s.kv_allocated_slots / bs for s in run.steps]
+        filled = [s.kv_filled_slots / bs for s in run.steps]
+        ax.step(ts, alloc, where="post", color=_color(i), label="allocated (incl. reserved / padding)")
+        ax.step(ts, filled, where="post", color="black", linewidth=1, label="holding live K/V")
+        ax.fill_between(ts, filled, alloc, step="post", color=_color(i), alpha=0.25, label="allocated but empty")
+        ax.set_ylabel(f"blocks of {bs}")
+        ax.set_title(run.system, fontsize=10, loc="left")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper right")
+    axes[-1].set_xlabel("time (s since start)")
+    fig.suptitle("KV cache: blocks in use vs reserved over time")
+    fig.savefig(path)
+
+
+def fragmentation(runs: Sequence[RunResult], summaries: Sequence[dict], path: Path) -> None:
+    with_steps = _stepped(runs)
+    fig = _figure(13, 4.5)
+    if not with_steps:
+        _no_data(fig, "no per-step data (systems measured over HTTP report none)")
+        fig.savefig(path)
+        return
+    left, right = fig.subplots(1, 2, width_ratios=[2, 1])
+    for i, run in with_steps:
+        left.step([s.t for s in run.steps], [100 * s.waste for s in run.steps], where="post", color=_color(i),
+                  label=run.system, alpha=0.85)
+    left.set_xlabel("time (s since start)")
+    left.set_ylabel("% of allocated KV slots empty")
+    left.set_title("KV waste over time (fragmentation + reservation/padding)")
+    left.set_ylim(0, 100)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8)
+    by_name = {s["system"]: s for s in summaries}
+    names = [run.system for _, run in with_steps]
+    values = [100 * by_name[n]["steps"]["kv_waste"] for n in names]
+    bars = right.bar(range(len(names)), values, color=[_color(i) for i, _ in with_steps])
+    right.bar_label(bars, fmt="%.1f%%", fontsize=9)
+    right.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=9)
+    right.set_ylabel("time-weighted mean, %")
+    right.set_title("Memory waste")
+    right.set_ylim(0, 100)
+    right.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
+def write_all(runs: Sequence[RunResult], summaries: Sequence[dict], out_dir: Path) -> list[Path]:
+    out_dir = Path(out_dir)
+    paths = [out_dir / name for name in PLOT_FILES]
+    throughput(runs, summaries, paths[0])
+    latency_cdf(runs, paths[1])
+    ttft_over_time(runs, paths[2])
+    batch_size(runs, paths[3])
+    kv_blocks(runs, paths[4])
+    fragmentation(runs, summaries, paths[5])
+    return paths

@@ -1,0 +1,265 @@
+"""The results folder: results.json (every raw measurement), report.md (tables + plots) and the PNGs,
+plus the one-screen summary printed at the end of a run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from pagedserve.bench import compare, metrics, plots
+from pagedserve.bench.records import RunResult
+from pagedserve.bench.workloads import Workload, WorkloadRequest
+
+
+def machine_info() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "processor": platform.processor()}
+
+
+def _clean(x):
+    """NaN/inf → None so results.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+# --- formatting -------------------------------------------------------------------------------------
+
+
+def _num(v, fmt: str = ".2f", scale: float = 1.0) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return format(v * scale, fmt)
+
+
+def _ms(v) -> str:
+    return _num(v, ".1f", 1000)
+
+
+def _pct(v) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{v:+.1f}%"
+
+
+def _row_text(r: dict) -> tuple[str, str, str, str]:
+    r = {k: (math.nan if v is None else v) for k, v in r.items()}  # rows read back from JSON hold None for NaN
+    unit = r["unit"]
+    if unit == "%":
+        t, b = f"{r['target']:.1f}%", f"{r['baseline']:.1f}%"
+        change = "–" if not math.isfinite(r["improvement"]) else f"{r['improvement']:+.1f} pp less waste"
+        return r["metric"], t, b, change
+    if unit == "s" and max(abs(r["target"]), abs(r["baseline"])) < 1:
+        t, b = f"{_ms(r['target'])} ms", f"{_ms(r['baseline'])} ms"
+    elif unit == "blocks":
+        t, b = f"{_num(r['target'], '.0f')} {unit}", f"{_num(r['baseline'], '.0f')} {unit}"
+    else:
+        t, b = f"{_num(r['target'])} {unit}", f"{_num(r['baseline'])} {unit}"
+    return r["metric"], t, b, _pct(r["improvement"])
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def headline_markdown(headlines: list[dict]) -> str:
+    parts = []
+    for h in headlines:
+        rows = [_row_text(r) for r in h["rows"]]
+        parts.append(f"**{h['target']} vs {h['baseline']}**\n\n"
+                     + _table(["metric", h["target"], h["baseline"], "improvement"], rows))
+    return "\n\n".join(parts)
+
+
+def _cpu_wait(run: RunResult) -> str:
+    share = (run.config.get("contention") or {}).get("wait_share")
+    return "–" if share is None else f"{100 * share:.0f}%"
+
+
+def systems_table(summaries: Sequence[dict], runs: Sequence[RunResult]) -> str:
+    rows = []
+    for s, run in zip(summaries, runs, strict=True):
+        rows.append([s["system"], f"{s['completed']}/{s['requests']}", _num(s["duration_s"], ".1f"),
+                     _num(s["request_throughput"], ".3f"), _num(s["output_throughput"], ".1f"),
+                     _num(s["total_token_throughput"], ".1f"), _ms(s["ttft"]["mean"]), _ms(s["ttft"]["p95"]),
+                     _ms(s["itl"]["mean"]), _ms(s["itl"]["p95"]), _num(s["e2e"]["mean"]), _num(s["e2e"]["p95"]),
+                     _ms(s["queue"]["mean"]), _cpu_wait(run)])
+    return _table(["system", "done", "time s", "req/s", "out tok/s", "total tok/s", "TTFT mean ms",
+                   "TTFT p95 ms", "ITL mean ms", "ITL p95 ms", "E2E mean s", "E2E p95 s", "queue mean ms",
+                   "CPU wait"], rows)
+
+
+def percentiles_table(summaries: Sequence[dict]) -> str:
+    rows = []
+    for s in summaries:
+        for key, label, fmt in (("ttft", "TTFT (ms)", _ms), ("itl", "ITL (ms)", _ms), ("tpot", "TPOT (ms)", _ms),
+                                ("e2e", "E2E (s)", lambda v: _num(v, ".3f"))):
+            d = s[key]
+            rows.append([s["system"], label] + [fmt(d[k]) for k in ("mean", "p50", "p90", "p95", "p99", "max")])
+    return _table(["system", "metric", "mean", "p50", "p90", "p95", "p99", "max"], rows)
+
+
+def steps_table(summaries: Sequence[dict]) -> str:
+    rows = []
+    for s in summaries:
+        st = s.get("steps") or {}
+        if not st:
+            continue
+        rows.append([s["system"], st["num_steps"], _num(st["mean_batch_size"], ".1f"), st["max_batch_size"],
+                     _num(st["mean_tokens_per_step"], ".1f"), _num(st["mean_step_ms"], ".1f"),
+                     _num(st["kv_mean_allocated_blocks"], ".1f"), _num(st["kv_mean_filled_blocks"], ".1f"),
+                     _num(st["kv_peak_allocated_blocks"], ".0f"), f"{100 * st['kv_waste']:.1f}%", st["num_preempted"]])
+    if not rows:
+        return "_No per-step data (systems measured over HTTP expose none)._"
+    return _table(["system", "steps", "mean batch", "max batch", "tokens/step", "step ms", "KV alloc blocks (mean)",
+                   "KV live blocks (mean)", "KV alloc peak", "memory waste", "preemptions"], rows)
+
+
+def goodput_table(summaries: Sequence[dict]) -> str | None:
+    rows = [[s["system"], _num(s["goodput"]["requests_per_s"], ".3f"), f"{100 * s['goodput']['fraction']:.1f}%"]
+            for s in summaries if "goodput" in s]
+    return _table(["system", "goodput req/s", "within SLO"], rows) if rows else None
+
+
+def workload_markdown(desc: dict) -> str:
+    mt, pw = desc["max_tokens"], desc["prompt_words"]
+    lines = [f"- **{desc['name']}**, {desc['num_requests']} requests, arrivals: {desc['arrival']} "
+             f"(last arrival at {desc['duration_of_arrivals_s']:.1f} s), seed {desc.get('seed')}, "
+             f"fingerprint `{desc['fingerprint']}`",
+             f"- max_tokens: min {mt['min']}, mean {mt['mean']:.1f}, max {mt['max']}, total {mt['total']} "
+             "(greedy, ignore_eos: every system generates exactly these)",
+             f"- prompt length: {pw['min']}–{pw['max']} words (mean {pw['mean']:.0f})"]
+    if desc.get("max_tokens_scale", 1.0) != 1.0 or desc.get("max_tokens_cap"):
+        lines.append(f"- output lengths scaled by {desc.get('max_tokens_scale')} "
+                     f"(cap {desc.get('max_tokens_cap')}) from the chapter's ranges")
+    if desc.get("templates"):
+        lines.append("- templates: " + ", ".join(f"{k} ×{v}" for k, v in sorted(desc["templates"].items())))
+    return "\n".join(lines)
+
+
+METHOD = """\
+- Times are wall-clock (`time.monotonic`) from the run's start. TTFT = first token − arrival;
+  ITL = gaps between consecutive tokens (pooled over all requests; over HTTP, between SSE chunks);
+  TPOT = a request's mean ITL; E2E = last token − arrival; queue = first admitted − arrival.
+- Arrivals are replayed on the wall clock: a request is handed to the system once its offset has
+  passed; the engine is stepped in between, and only an idle system waits for the next arrival.
+- Throughput = completed requests (or generated tokens) / (start → last finish).
+- Memory waste = allocated KV slots holding no live token / allocated slots, time-weighted over steps.
+  Under the static policy the KV for prompt + max_tokens is reserved at admission, so reservation
+  counts as waste; for HF `generate` the dense cache's padding and finished rows do.
+- Each pagedserve policy runs on a freshly built engine with identical options; HF runs on the same
+  weights. The runs are sequential on one machine: compare ratios, not absolute numbers."""
+
+
+def write_markdown(path: Path, meta: dict, workload_desc: dict, summaries: list[dict], headlines: list[dict],
+                   runs: Sequence[RunResult], plot_paths: Sequence[Path]) -> None:
+    m = meta["machine"]
+    parts = ["# pagedserve benchmark", "",
+             f"`{meta['command']}`", "",
+             f"{meta['created']} · {m['cpu_count']} CPUs · torch {m['torch']} ({m['torch_threads']} threads) · "
+             f"{m['platform']}", "",
+             "## Workload", "", workload_markdown(workload_desc), ""]
+    notes = list(meta.get("notes", [])) + [f"{run.system}: {n}" for run in runs for n in run.notes]
+    if notes:
+        parts += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if headlines:
+        parts += ["## Headline", "", headline_markdown(headlines), ""]
+    parts += ["## Results", "", systems_table(summaries, runs), "",
+              "_CPU wait: share of the run's runnable thread time spent waiting for a core (other load on "
+              "the machine); high values mean inflated timings._", "",
+              "## Latency distribution", "", percentiles_table(summaries), ""]
+    gp = goodput_table(summaries)
+    if gp:
+        slo = next(s["slo"] for s in summaries if "slo" in s)
+        parts += ["## Goodput", "", f"SLO: TTFT ≤ {slo['ttft_s']} s, mean ITL ≤ {slo['itl_s']} s, "
+                  f"E2E ≤ {slo['e2e_s']} s (None = unconstrained)", "", gp, ""]
+    parts += ["## Steps and KV cache", "", steps_table(summaries), "", "## Plots", ""]
+    parts += [f"![{p.stem}]({p.name})" for p in plot_paths]
+    parts += ["", "## Systems", ""]
+    for run in runs:
+        parts.append(f"- **{run.system}** ({run.kind}): `{json.dumps(_clean(run.config), default=str)}`")
+    errors = [(s["system"], e) for s in summaries for e in s.get("first_errors", [])]
+    if errors:
+        parts += ["", "## Errors (first few per system)", ""] + [f"- {name}: {e}" for name, e in errors]
+    parts += ["", "## Method", "", METHOD, ""]
+    path.write_text("\n".join(parts))
+
+
+def write_report(out_dir: str | Path, workload: Workload, runs: Sequence[RunResult],
+                 slo: metrics.SLO | None = None, target: str | None = None, command: str | None = None,
+                 notes: Sequence[str] = ()) -> dict:
+    """Write results.json, report.md and the plots into out_dir; return the results dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = [metrics.summarize(r, slo) for r in runs]
+    headlines = compare.headline(summaries, target)
+    meta = {"created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "command": command or " ".join(["pagedserve" if i == 0 else a for i, a in enumerate(sys.argv)]),
+            "machine": machine_info(), "notes": list(notes)}
+    desc = workload.describe()
+    results = {"meta": meta, "workload": {**desc, "requests": [r.to_json() for r in workload.requests]},
+               "systems": [{"summary": s, "run": r.to_json()} for s, r in zip(summaries, runs, strict=True)],
+               "headline": headlines}
+    with open(out / "results.json", "w") as f:
+        json.dump(_clean(results), f, indent=1)
+    plot_paths = plots.write_all(runs, summaries, out)
+    write_markdown(out / "report.md", meta, desc, summaries, headlines, runs, plot_paths)
+    return results
+
+
+def load_results(path: str | Path) -> tuple[Workload, list[RunResult]]:
+    """A results.json (or the folder holding it) → (its workload, its runs)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    with open(path) as f:
+        data = json.load(f)
+    return workload_from_json(data["workload"]), [RunResult.from_json(s["run"]) for s in data["systems"]]
+
+
+def workload_from_json(section: dict) -> Workload:
+    keys = ("name", "num_requests", "arrival", "rate", "concurrency", "seed", "requests", "fingerprint", "templates",
+            "max_tokens", "prompt_words", "duration_of_arrivals_s")
+    reqs = [WorkloadRequest.from_json(d, i) for i, d in enumerate(section["requests"], 1)]
+    return Workload(section.get("name", "workload"), reqs, rate=section.get("rate"),
+                    concurrency=section.get("concurrency"), seed=section.get("seed"),
+                    meta={k: v for k, v in section.items() if k not in keys})
+
+
+def terminal_summary(results: dict, out_dir: str | Path) -> str:
+    """One screen: a line per system, the first headline comparison, and where the report is."""
+    lines = [f"{'system':<28} {'done':>7} {'time s':>7} {'out tok/s':>10} {'TTFT p50/p95 ms':>17} "
+             f"{'ITL p50/p95 ms':>16} {'E2E p50/p95 s':>15} {'KV waste':>9}"]
+    for entry in results["systems"]:
+        s = entry["summary"]
+        st = s.get("steps") or {}
+        waste = f"{100 * st['kv_waste']:.1f}%" if st.get("kv_waste") is not None else "–"
+        lines.append(f"{s['system']:<28} {s['completed']:>3}/{s['requests']:<3} {_num(s['duration_s'], '.1f'):>7} "
+                     f"{_num(s['output_throughput'], '.1f'):>10} "
+                     f"{_ms(s['ttft']['p50']) + '/' + _ms(s['ttft']['p95']):>17} "
+                     f"{_ms(s['itl']['p50']) + '/' + _ms(s['itl']['p95']):>16} "
+                     f"{_num(s['e2e']['p50']) + '/' + _num(s['e2e']['p95']):>15} {waste:>9}")
+    for h in results["headline"][:2]:
+        lines += ["", f"{h['target']} vs {h['baseline']}:"]
+        for r in h["rows"]:
+            metric, t, b, change = _row_text(r)
+            lines.append(f"  {metric:<40} {t:>14} vs {b:>14}   {change}")
+    notes = list(results["meta"].get("notes", [])) + [
+        f"{e['run']['system']}: {n}" for e in results["systems"] for n in e["run"].get("notes", [])]
+    if notes:
+        lines += [""] + [f"note: {n}" for n in notes]
+    lines += ["", f"report: {Path(out_dir) / 'report.md'}  (results.json and plots beside it)"]
+    return "\n".join(lines)
