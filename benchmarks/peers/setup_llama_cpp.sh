@@ -45,6 +45,8 @@ fi
 
 # 3. Configure: release build, CPU only, static libs (one self-contained binary), no curl/openssl,
 #    no web UI assets (they would be built with npm or downloaded), no tests/examples.
+#    AMX is switched off: this VM's CPU advertises AMX but the guest cannot use the tile registers,
+#    and ggml's AMX matmul segfaults at the first decode (seen here with llama.cpp from 0.3.36).
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
 cmake -S "$SRC" -B "$BUILD_DIR" "${GEN[@]}" \
@@ -52,6 +54,8 @@ cmake -S "$SRC" -B "$BUILD_DIR" "${GEN[@]}" \
     -DGGML_CCACHE=OFF \
     -DBUILD_SHARED_LIBS=OFF \
     -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
+    -DCMAKE_CXX_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF \
