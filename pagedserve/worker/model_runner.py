@@ -78,7 +78,7 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
                 sampled.append(s)
 
-        block_tables = context_lens = mask = gather_index = None
+        mask = gather_index = None
         if decodes:
             lens = [s.request.num_computed_tokens + 1 for s in decodes]
             max_blocks = -(-max(lens) // self.block_size)
@@ -94,8 +94,6 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode_tokens=len(decodes),
-            decode_block_tables=block_tables,
-            decode_context_lens=context_lens,
             decode_gather_index=gather_index,
             decode_mask=mask,
             prefills=segments,
