@@ -5,9 +5,10 @@ One function per figure; each takes the runs (and their summaries) and writes on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -89,60 +90,63 @@ def _stepped(runs: Sequence[RunResult]) -> list[tuple[int, RunResult]]:
     return [(i, r) for i, r in enumerate(runs) if r.steps]
 
 
-def batch_size(runs: Sequence[RunResult], path: Path) -> None:
+_NO_STEP_DATA = "no per-step data (systems measured over HTTP report none)"
+
+
+def _per_system_panels(runs: Sequence[RunResult], path: Path, row_height: float, title: str,
+                       draw: Callable[[Axes, int, RunResult], None]) -> None:
+    """One panel per system with per-step data, stacked on a shared time axis."""
     with_steps = _stepped(runs)
-    fig = _figure(10, 2.2 + 1.8 * max(1, len(with_steps)))
+    fig = _figure(10, 2.2 + row_height * max(1, len(with_steps)))
     if not with_steps:
-        _no_data(fig, "no per-step data (systems measured over HTTP report none)")
+        _no_data(fig, _NO_STEP_DATA)
         fig.savefig(path)
         return
     axes = fig.subplots(len(with_steps), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (i, run) in zip(axes, with_steps, strict=True):
-        ts = [s.t for s in run.steps]
-        ax.step(ts, [s.batch_size for s in run.steps], where="post", color=_color(i), label="sequences in the step")
-        if any(s.num_waiting for s in run.steps):
-            ax.step(ts, [s.num_waiting for s in run.steps], where="post", color="gray", alpha=0.7,
-                    linestyle="--", label="waiting")
-        ax.set_ylabel("requests")
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        draw(ax, i, run)
         ax.set_title(run.system, fontsize=10, loc="left")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper right")
     axes[-1].set_xlabel("time (s since start)")
-    fig.suptitle("Batch size over time")
+    fig.suptitle(title)
     fig.savefig(path)
+
+
+def _draw_batch_size(ax: Axes, i: int, run: RunResult) -> None:
+    ts = [s.t for s in run.steps]
+    ax.step(ts, [s.batch_size for s in run.steps], where="post", color=_color(i), label="sequences in the step")
+    if any(s.num_waiting for s in run.steps):
+        ax.step(ts, [s.num_waiting for s in run.steps], where="post", color="gray", alpha=0.7,
+                linestyle="--", label="waiting")
+    ax.set_ylabel("requests")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _draw_kv_blocks(ax: Axes, i: int, run: RunResult) -> None:
+    bs = run.steps[0].block_size
+    ts = [s.t for s in run.steps]
+    alloc = [s.kv_allocated_slots / bs for s in run.steps]
+    filled = [s.kv_filled_slots / bs for s in run.steps]
+    ax.step(ts, alloc, where="post", color=_color(i), label="allocated (incl. reserved / padding)")
+    ax.step(ts, filled, where="post", color="black", linewidth=1, label="holding live K/V")
+    ax.fill_between(ts, filled, alloc, step="post", color=_color(i), alpha=0.25, label="allocated but empty")
+    ax.set_ylabel(f"blocks of {bs}")
+
+
+def batch_size(runs: Sequence[RunResult], path: Path) -> None:
+    _per_system_panels(runs, path, 1.8, "Batch size over time", _draw_batch_size)
 
 
 def kv_blocks(runs: Sequence[RunResult], path: Path) -> None:
-    with_steps = _stepped(runs)
-    fig = _figure(10, 2.2 + 2.0 * max(1, len(with_steps)))
-    if not with_steps:
-        _no_data(fig, "no per-step data (systems measured over HTTP report none)")
-        fig.savefig(path)
-        return
-    axes = fig.subplots(len(with_steps), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (i, run) in zip(axes, with_steps, strict=True):
-        bs = run.steps[0].block_size
-        ts = [s.t for s in run.steps]
-        alloc = [s.kv_allocated_slots / bs for s in run.steps]
-        filled = [s.kv_filled_slots / bs for s in run.steps]
-        ax.step(ts, alloc, where="post", color=_color(i), label="allocated (incl. reserved / padding)")
-        ax.step(ts, filled, where="post", color="black", linewidth=1, label="holding live K/V")
-        ax.fill_between(ts, filled, alloc, step="post", color=_color(i), alpha=0.25, label="allocated but empty")
-        ax.set_ylabel(f"blocks of {bs}")
-        ax.set_title(run.system, fontsize=10, loc="left")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
-    axes[-1].set_xlabel("time (s since start)")
-    fig.suptitle("KV cache: blocks in use vs reserved over time")
-    fig.savefig(path)
+    _per_system_panels(runs, path, 2.0, "KV cache: blocks in use vs reserved over time", _draw_kv_blocks)
 
 
 def fragmentation(runs: Sequence[RunResult], summaries: Sequence[dict], path: Path) -> None:
     with_steps = _stepped(runs)
     fig = _figure(13, 4.5)
     if not with_steps:
-        _no_data(fig, "no per-step data (systems measured over HTTP report none)")
+        _no_data(fig, _NO_STEP_DATA)
         fig.savefig(path)
         return
     left, right = fig.subplots(1, 2, width_ratios=[2, 1])

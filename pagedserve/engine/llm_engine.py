@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -151,7 +151,7 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the limit is {limit - 1} "
                              f"(max_model_len={self.max_model_len}, KV capacity={self.capacity_tokens} tokens)")
         if params.max_tokens is None:  # as much as fits
-            params = _with_max_tokens(params, limit - len(prompt_ids))
+            params = replace(params, max_tokens=limit - len(prompt_ids))
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"max_tokens={params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
@@ -295,9 +295,3 @@ class LLMEngine:
         self._groups.pop(group.request_id, None)
         for s in group.seqs:
             self._seq_to_group.pop(s.request.request_id, None)
-
-
-def _with_max_tokens(params: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, max_tokens=max_tokens)
