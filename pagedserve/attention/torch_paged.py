@@ -1,4 +1,4 @@
-"""Paged attention in plain PyTorch (the CPU reference backend).
+"""Paged attention in plain PyTorch: any dtype, any device (the reference backend).
 
 Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim]. Gathering a batch's blocks
 through its block tables (`cache[:, tables]`) then yields [kv_heads, B, L, head_dim] contiguous, which
@@ -14,9 +14,19 @@ import torch.nn.functional as F
 from pagedserve.attention.metadata import AttentionMetadata
 
 
-def allocate_kv_cache(num_blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
-                      device: torch.device) -> torch.Tensor:
-    return torch.zeros((kv_heads, num_blocks, block_size, head_dim), dtype=dtype, device=device)
+class TorchPagedAttention:
+    """The backend object a model layer calls; it also owns the cache layout."""
+
+    k_block_transposed = False
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                          dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (kv_heads, num_blocks, block_size, head_dim)
+        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -27,33 +37,50 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[kv_heads, length, head_dim] of one request, read through its block table."""
-    return cache[:, block_table].flatten(1, 2)[:, :length]
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
+                   block_transposed: bool = False) -> torch.Tensor:
+    """[kv_heads, length, head_dim] of one request, read through its block table. A block-transposed
+    cache holds each block as [head_dim, block_size] (the CPU kernels' K layout)."""
+    blocks = cache[:, block_table]
+    if block_transposed:
+        blocks = blocks.transpose(-1, -2)
+    return blocks.flatten(1, 2)[:, :length]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's new tokens) → [T, heads, head_dim]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    kv_heads = k.shape[1]
-    group = num_heads // kv_heads
     out = torch.empty_like(q)
+    if meta.num_decode_tokens:
+        decode_attention(out, q, k_cache, v_cache, meta, scale)
+    prefill_attention(out, q, k, v, k_cache, v_cache, meta, scale)
+    return out
 
-    nd = meta.num_decode_tokens
-    if nd:
-        # index_select on the (head, block) axis is the fastest contiguous gather on CPU.
-        shape = (kv_heads, nd, -1, head_dim)
-        keys = k_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)  # [kvh, B, L, d]
-        values = v_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)
-        # Query heads are grouped by the KV head they share (as HF's repeat_kv orders them).
-        queries = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1)  # [kvh, B, group, d]
-        scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)  # [kvh, B, group, L]
-        scores.masked_fill_(meta.decode_mask, float("-inf"))  # slots past each context length
-        probs = torch.softmax(scores, dim=-1)
-        out[:nd] = torch.matmul(probs, values).transpose(0, 1).reshape(nd, num_heads, head_dim)
 
+def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     meta: AttentionMetadata, scale: float) -> None:
+    """The first num_decode_tokens rows: one query per request against its whole cached context."""
+    nd, num_heads, head_dim = meta.num_decode_tokens, q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[0]
+    group = num_heads // kv_heads
+    # index_select on the (head, block) axis is the fastest contiguous gather in plain torch.
+    shape = (kv_heads, nd, -1, head_dim)
+    keys = k_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)  # [kvh, B, L, d]
+    values = v_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)
+    # Query heads are grouped by the KV head they share (as HF's repeat_kv orders them).
+    queries = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1)  # [kvh, B, group, d]
+    scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)  # [kvh, B, group, L]
+    scores.masked_fill_(meta.decode_mask, float("-inf"))  # slots past each context length
+    probs = torch.softmax(scores, dim=-1)
+    out[:nd] = torch.matmul(probs, values).transpose(0, 1).reshape(nd, num_heads, head_dim)
+
+
+def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      k_block_transposed: bool = False) -> None:
+    """Each prefill segment: causal attention over its new tokens and, for a later chunk, the cached prefix."""
+    group = q.shape[1] // k.shape[1]
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.length)
         qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, heads, Lq, d]
@@ -61,7 +88,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
             mask, causal = None, True
         else:  # a later chunk: attend to the cached prefix plus this chunk, causally
-            ks = gather_context(k_cache, seg.block_table, seg.context_len)
+            ks = gather_context(k_cache, seg.block_table, seg.context_len, k_block_transposed)
             vs = gather_context(v_cache, seg.block_table, seg.context_len)
             rows = torch.arange(seg.length, device=q.device).unsqueeze(1) + (seg.context_len - seg.length)
             mask, causal = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= rows, False
@@ -71,4 +98,3 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
             vs = vs.repeat_interleave(group, dim=1)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale)
         out[sl] = o.squeeze(0).transpose(0, 1)
-    return out

@@ -7,17 +7,20 @@ only place where requests are told apart, through AttentionMetadata.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.attention.cpu_paged import CpuPagedAttention
 from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.attention.torch_paged import paged_attention
+from pagedserve.attention.torch_paged import TorchPagedAttention
+from pagedserve.kernels import cpu_ops
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers.linear import Linear
 from pagedserve.model.layers.rmsnorm import RMSNorm
-from pagedserve.model.layers.rotary import RotaryEmbedding, apply_rotary
+from pagedserve.model.layers.rotary import RopeInputs, RotaryEmbedding
 
 
 class LlamaAttention(nn.Module):
@@ -32,20 +35,23 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_dim ** -0.5
+        self.attention: TorchPagedAttention | CpuPagedAttention = TorchPagedAttention()
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeInputs, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        # q and k sit side by side in qkv: rotate them in one go (fewer kernels per layer).
-        qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-        qk = apply_rotary(qk, cos, sin)
-        q, k = qk[:, : self.num_heads], qk[:, self.num_heads:]
+        # q and k sit side by side in qkv: rotate them in one go, in place (fewer kernels per layer).
+        rope.rotate_(qkv, self.num_heads + self.num_kv_heads, self.head_dim)
+        q = qkv[:, : self.q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size: self.q_size + self.kv_size].view(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        out = self.attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
         return self.o_proj(out.view(-1, self.q_size))
 
 
 class LlamaMLP(nn.Module):
+    fused: ModuleType | None = None
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
@@ -53,7 +59,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused is not None:
+            return self.down_proj(self.fused.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -65,12 +74,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        """(hidden, residual) in and out: each residual add is fused into the norm that follows it."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaForCausalLM(nn.Module):
+    fused: ModuleType | None = None
+    attention_backend: TorchPagedAttention | CpuPagedAttention = TorchPagedAttention()
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -90,20 +109,30 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        rope = self.rotary.prepare(positions, x.dtype, self.fused)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_projection(hidden).float()
 
     def prepare_for_inference(self) -> None:
-        """After the weights are final (loaded, cast, moved): build the CPU packed-GEMM copies."""
+        """After the weights are final (loaded, cast, moved): build the CPU packed-GEMM copies and
+        switch to the fused CPU kernels where they apply (float32 on CPU, and they built)."""
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack_for_cpu()
+        weight = self.embed_tokens.weight
+        self.fused = cpu_ops() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
+        self.attention_backend = TorchPagedAttention() if self.fused is None else CpuPagedAttention(self.fused)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, LlamaMLP)):
+                module.fused = self.fused
+            elif isinstance(module, LlamaAttention):
+                module.attention = self.attention_backend
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take HF-named tensors; q/k/v and gate/up are concatenated into the fused projections."""

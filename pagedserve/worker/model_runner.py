@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 
 from pagedserve.attention.metadata import AttentionMetadata, PrefillSegment
-from pagedserve.attention.torch_paged import allocate_kv_cache
 from pagedserve.core.scheduler import ScheduledRequest, SchedulerOutput
 from pagedserve.model.config import ModelConfig
 
@@ -38,9 +37,10 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.kv_heads = cfg.num_key_value_heads
         self.device = device
-        # Pre-allocated once; requests only ever get block ids into these tensors.
+        # Pre-allocated once; requests only ever get block ids into these tensors. The model's
+        # attention backend decides the layout.
         args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
-        self.kv_caches = [(allocate_kv_cache(*args), allocate_kv_cache(*args)) for _ in range(cfg.num_hidden_layers)]
+        self.kv_caches = [model.attention_backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -78,7 +78,7 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
                 sampled.append(s)
 
-        mask = gather_index = None
+        mask = gather_index = block_tables = context_lens = None
         if decodes:
             lens = [s.request.num_computed_tokens + 1 for s in decodes]
             max_blocks = -(-max(lens) // self.block_size)
@@ -94,6 +94,8 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode_tokens=len(decodes),
+            decode_block_tables=block_tables,
+            decode_context_lens=context_lens,
             decode_gather_index=gather_index,
             decode_mask=mask,
             prefills=segments,

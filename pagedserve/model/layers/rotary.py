@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -40,6 +42,13 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_cached", emb.cos(), persistent=False)
         self.register_buffer("sin_cached", emb.sin(), persistent=False)
 
+    def prepare(self, positions: torch.Tensor, dtype: torch.dtype, fused: ModuleType | None) -> RopeInputs:
+        """Once per forward: what every layer needs to rotate this step's q and k."""
+        if fused is not None:  # the kernel reads the tables by position itself
+            return RopeInputs(positions, self.cos_cached, self.sin_cached, fused)
+        cos, sin = self.cos_sin(positions, dtype)
+        return RopeInputs(positions, cos, sin, None)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """[T, head_dim] cos and sin for the positions of this step, broadcast over heads later."""
         return self.cos_cached[positions].to(dtype).unsqueeze(1), self.sin_cached[positions].to(dtype).unsqueeze(1)
@@ -50,3 +59,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+@dataclass
+class RopeInputs:
+    positions: torch.Tensor  # [T]
+    cos: torch.Tensor  # fused: the [max_positions, head_dim] table; else [T, 1, head_dim] for this step
+    sin: torch.Tensor
+    fused: ModuleType | None
+
+    def rotate_(self, qkv: torch.Tensor, rotated_heads: int, head_dim: int) -> None:
+        """Rotate the first `rotated_heads` heads of each row of qkv ([T, heads * head_dim]) in place."""
+        if self.fused is not None:
+            self.fused.rotary_inplace(qkv, self.positions, self.cos, self.sin, rotated_heads, head_dim)
+            return
+        qk = qkv[:, : rotated_heads * head_dim].view(-1, rotated_heads, head_dim)
+        qk.copy_(apply_rotary(qk, self.cos, self.sin))

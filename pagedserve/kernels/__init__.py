@@ -1,0 +1,56 @@
+"""Fused CPU kernels (cpu_ops.cpp), compiled on first use with the machine's own compiler.
+
+The build takes about a minute once per machine and is cached by torch under
+~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR). `-march=native` is safe because the build
+happens on the machine that runs it; the CPU's feature flags are part of the build's identity so a
+shared cache never hands one CPU another's binary. Without a compiler, or with
+PAGEDSERVE_CPU_KERNELS=0, the engine keeps the plain-PyTorch path (same results, slower).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_state: dict[str, ModuleType | None] = {}
+
+
+def _cpu_signature() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = "unknown"
+    return hashlib.sha1(flags.encode()).hexdigest()[:12]
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") != "0"
+
+
+def cpu_ops() -> ModuleType | None:
+    """The compiled module, or None when disabled or when the build failed (logged once)."""
+    if "ops" in _state:
+        return _state["ops"]
+    ops = None
+    if kernels_enabled():
+        # torch's builder calls `ninja`; the venv's copy is on PATH only when the venv is activated.
+        bin_dir = str(Path(sys.executable).parent)
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+        try:
+            from torch.utils.cpp_extension import load
+
+            ops = load(name="pagedserve_cpu_ops", sources=[str(_SOURCE)],
+                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
+                                     f"-DPAGEDSERVE_CPU_SIGNATURE={_cpu_signature()}"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as exc:  # no compiler, no headers, ...: fall back, but say why
+            logger.warning("pagedserve CPU kernels unavailable, using the PyTorch path: %s", exc)
+    _state["ops"] = ops
+    return ops

@@ -1,0 +1,377 @@
+// Fused CPU kernels for the decode hot path (float32 only; every other dtype takes the torch path).
+//
+// Each function replaces a chain of small ATen ops whose per-op overhead dominated a decode step
+// on a 2-core CPU: paged attention reads K/V in place through the block table instead of
+// gathering a padded copy; rotary, RMSNorm (+ residual add) and SiLU*up are one pass each.
+// Built just-in-time by pagedserve/kernels/__init__.py with -O3 -march=native -ffp-contract=off:
+// no silent FMA contraction, so rotary rounds exactly like the ATen ops it replaces.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <type_traits>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;  // independent partial sums: the compiler turns them into SIMD lanes
+
+inline float sum_squares(const float* a, int64_t n) {
+  float acc[kLanes] = {0.f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += a[i + l] * a[i + l];
+  float s = 0.f;
+  for (int64_t l = 0; l < kLanes; ++l) s += acc[l];
+  for (; i < n; ++i) s += a[i] * a[i];
+  return s;
+}
+
+// 16 floats as one value: GCC/Clang lower it to one AVX-512 register (or two AVX2 ones), so the
+// hot loops below are SIMD by construction rather than at the auto-vectorizer's discretion.
+typedef float vf16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline vf16 load16(const float* p) {
+  vf16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline float hsum16(vf16 v) {
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
+
+// exp(x) as Cephes' expf (range reduction by ln 2, degree-5 polynomial; ~1 ulp), for a scalar or
+// a vf16: glibc's scalar expf would otherwise be the slowest part of softmax and SiLU.
+template <typename V>
+inline V cephes_exp(V x) {
+  const V lo = x - x - 87.3f, hi = x - x + 88.7f;  // (x - x) makes the constants the right shape
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const V n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  V r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  if constexpr (std::is_same_v<V, float>) {
+    return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  } else {
+    return p * reinterpret_cast<vf16>((__builtin_convertvector(n, vi16) + 127) << 23);
+  }
+}
+
+// x[i] = exp(x[i] - shift) for i < n; returns the sum.
+inline float exp_shifted_inplace(float* x, int64_t n, float shift) {
+  vf16 total = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vf16 e = cephes_exp(load16(x + i) - shift);
+    store16(x + i, e);
+    total += e;
+  }
+  float sum = hsum16(total);
+  for (; i < n; ++i) {
+    x[i] = cephes_exp(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+// Blocks of one request sit anywhere in the cache, so the hardware prefetcher cannot guess the next
+// one; ask for it while the current block is being used.
+inline void prefetch_block(const float* p, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i);
+}
+
+// Back a large tensor with transparent huge pages (where the kernel allows it on request): the KV
+// cache is read block by block from scattered places, and 4 KiB pages make that a TLB miss each.
+void advise_huge_pages(at::Tensor t) {
+  constexpr uintptr_t kHuge = 2 << 20;
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (start + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (start + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+}
+
+void check_f32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+}
+
+// k_cache: [kv_heads, num_blocks, head_dim, block_size] (K transposed inside each block, so a
+// block's scores are head_dim vector FMAs over block_size slots, with no horizontal sums);
+// v_cache: [kv_heads, num_blocks, block_size, head_dim]. k, v: [T, kv_heads, head_dim] with a unit
+// last stride; slot = block * block_size + offset.
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping) {
+  check_f32(k_cache, "k_cache");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v need a unit last stride");
+  const int64_t T = k.size(0), kvh = k.size(1), d = k.size(2);
+  const int64_t num_blocks = k_cache.size(1), bs = k_cache.size(3);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t block = slots[t] / bs, offset = slots[t] % bs;
+    for (int64_t h = 0; h < kvh; ++h) {
+      const float* src = kp + t * k.stride(0) + h * k.stride(1);
+      float* kdst = kc + (h * num_blocks + block) * d * bs + offset;
+      for (int64_t i = 0; i < d; ++i) kdst[i * bs] = src[i];
+      std::copy_n(vp + t * v.stride(0) + h * v.stride(1), d, vc + ((h * num_blocks + block) * bs + offset) * d);
+    }
+  }
+}
+
+// Decode attention: one query token per request, its context read block by block from the cache.
+// q: [B, heads, head_dim] (unit last stride); out: [B, heads, head_dim] contiguous;
+// block_tables: [B, max_blocks] int64; context_lens: [B] int64.
+// Query head j shares KV head j / group (HF's repeat_kv order). Softmax in two passes, as ATen's.
+// One work item is (request, KV head): its `group` query heads share every K and V load.
+
+// The common shapes: block_size 16, head_dim D (a multiple of 16) and group size G known at compile
+// time, so the G score vectors and G x D/16 output accumulators live in registers.
+template <int64_t D, int64_t G>
+void decode_item_fast(float* out, const float* qh, int64_t q_head_stride, const float* kc, const float* vc,
+                      const int64_t* table, int64_t len, int64_t head_base, float scale, float* scores) {
+  constexpr int64_t kBs = 16, kVecs = D / 16;
+  const int64_t nblocks = (len + kBs - 1) / kBs, padded = nblocks * kBs;
+  float q[G][D];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t i = 0; i < D; ++i) q[g][i] = qh[g * q_head_stride + i] * scale;
+  constexpr int64_t kBlockFloats = D * kBs;
+  for (int64_t n = 0; n < nblocks; ++n) {
+    const float* kb = kc + (head_base + table[n]) * kBlockFloats;  // [D][16]: K transposed in the block
+    if (n + 1 < nblocks) prefetch_block(kc + (head_base + table[n + 1]) * kBlockFloats, kBlockFloats);
+    vf16 sv[G] = {};
+    for (int64_t i = 0; i < D; ++i) {
+      const vf16 k = load16(kb + i * kBs);
+      for (int64_t g = 0; g < G; ++g) sv[g] += q[g][i] * k;
+    }
+    for (int64_t g = 0; g < G; ++g) store16(scores + g * padded + n * kBs, sv[g]);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    float* sg = scores + g * padded;
+    const float mx = *std::max_element(sg, sg + len);
+    const float inv = 1.f / exp_shifted_inplace(sg, len, mx);
+    for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+  }
+  vf16 acc[G][kVecs] = {};
+  for (int64_t t = 0; t < len; ++t) {
+    const float* vt = vc + ((head_base + table[t / kBs]) * kBs + t % kBs) * D;
+    if (t % kBs == 0 && t + kBs < len) prefetch_block(vc + (head_base + table[t / kBs + 1]) * kBlockFloats, kBlockFloats);
+    vf16 v[kVecs];
+    for (int64_t j = 0; j < kVecs; ++j) v[j] = load16(vt + j * 16);
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = scores[g * padded + t];
+      for (int64_t j = 0; j < kVecs; ++j) acc[g][j] += p * v[j];
+    }
+  }
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < kVecs; ++j) store16(out + g * D + j * 16, acc[g][j]);
+}
+
+// Any shape, plain loops.
+void decode_item_generic(float* out, const float* qh, int64_t q_head_stride, const float* kc, const float* vc,
+                         const int64_t* table, int64_t len, int64_t head_base, float scale, float* scores,
+                         int64_t d, int64_t bs, int64_t group) {
+  for (int64_t g = 0; g < group; ++g) {
+    float* sg = scores + g * len;
+    for (int64_t t = 0; t < len; ++t) {
+      const float* kb = kc + (head_base + table[t / bs]) * d * bs + t % bs;
+      float dot = 0.f;
+      for (int64_t i = 0; i < d; ++i) dot += qh[g * q_head_stride + i] * kb[i * bs];
+      sg[t] = dot * scale;
+    }
+    const float mx = *std::max_element(sg, sg + len);
+    const float inv = 1.f / exp_shifted_inplace(sg, len, mx);
+    float* o = out + g * d;
+    std::fill(o, o + d, 0.f);
+    for (int64_t t = 0; t < len; ++t) {
+      const float* vt = vc + ((head_base + table[t / bs]) * bs + t % bs) * d;
+      const float p = sg[t] * inv;
+      for (int64_t i = 0; i < d; ++i) o[i] += p * vt[i];
+    }
+  }
+}
+
+template <int64_t D, int64_t G>
+constexpr auto fast_item() { return &decode_item_fast<D, G>; }
+
+using FastItem = void (*)(float*, const float*, int64_t, const float*, const float*, const int64_t*, int64_t,
+                          int64_t, float, float*);
+
+FastItem pick_fast_item(int64_t bs, int64_t d, int64_t group) {
+  if (bs != 16) return nullptr;
+  static constexpr FastItem d64[] = {fast_item<64, 1>(), fast_item<64, 2>(), fast_item<64, 3>(), fast_item<64, 4>(),
+                                     fast_item<64, 5>(), fast_item<64, 6>(), fast_item<64, 7>(), fast_item<64, 8>()};
+  static constexpr FastItem d128[] = {fast_item<128, 1>(), fast_item<128, 2>(), fast_item<128, 3>(),
+                                      fast_item<128, 4>(), fast_item<128, 5>(), fast_item<128, 6>(),
+                                      fast_item<128, 7>(), fast_item<128, 8>()};
+  if (group < 1 || group > 8) return nullptr;
+  if (d == 64) return d64[group - 1];
+  if (d == 128) return d128[group - 1];
+  return nullptr;
+}
+
+void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale) {
+  check_f32(q, "q");
+  check_f32(k_cache, "k_cache");
+  TORCH_CHECK(out.is_contiguous() && q.stride(2) == 1, "out must be contiguous, q needs a unit last stride");
+  const int64_t B = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t kvh = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(3);
+  const int64_t group = heads / kvh, max_blocks = block_tables.size(1);
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  const FastItem fast = pick_fast_item(bs, d, group);
+  const int64_t max_len = *std::max_element(lens, lens + B);
+  const int64_t padded = (max_len + bs - 1) / bs * bs;
+
+  at::parallel_for(0, B * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * padded);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / kvh, h = w % kvh;
+      const float* qh = qp + b * q.stride(0) + h * group * q.stride(1);
+      float* o = op + (b * heads + h * group) * d;
+      if (fast)
+        fast(o, qh, q.stride(1), kc, vc, tables + b * max_blocks, lens[b], h * num_blocks, fscale, scores.data());
+      else
+        decode_item_generic(o, qh, q.stride(1), kc, vc, tables + b * max_blocks, lens[b], h * num_blocks, fscale,
+                            scores.data(), d, bs, group);
+    }
+  });
+}
+
+// In place on the first `rotated_heads` heads of x: [T, >= rotated_heads * head_dim] (row stride
+// free, unit last stride). cos/sin tables: [max_positions, head_dim]; HF's rotate-half layout:
+// out = x * cos + rotate_half(x) * sin.
+void rotary_inplace(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos_table,
+                    const at::Tensor& sin_table, int64_t rotated_heads, int64_t head_dim) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.stride(1) == 1 && cos_table.is_contiguous() && sin_table.is_contiguous(), "bad layout");
+  const int64_t T = x.size(0), half = head_dim / 2, row = x.stride(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  float* xp = x.data_ptr<float>();
+  const float* ct = cos_table.data_ptr<float>();
+  const float* st = sin_table.data_ptr<float>();
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* c = ct + pos[t] * head_dim;
+      const float* s = st + pos[t] * head_dim;
+      for (int64_t h = 0; h < rotated_heads; ++h) {
+        float* v = xp + t * row + h * head_dim;
+        int64_t i = 0;
+        for (; i + 16 <= half; i += 16) {
+          const vf16 x1 = load16(v + i), x2 = load16(v + i + half);
+          store16(v + i, x1 * load16(c + i) + (-x2) * load16(s + i));
+          store16(v + i + half, x2 * load16(c + i + half) + x1 * load16(s + i + half));
+        }
+        for (; i < half; ++i) {
+          const float x1 = v[i], x2 = v[i + half];
+          v[i] = x1 * c[i] + (-x2) * s[i];
+          v[i + half] = x2 * c[i + half] + x1 * s[i + half];
+        }
+      }
+    }
+  });
+}
+
+// Llama RMSNorm of one row: out = weight * (x * rsqrt(mean(x^2) + eps)).
+inline void rms_norm_row(float* out, const float* x, const float* w, int64_t n, float eps) {
+  const float inv = 1.f / std::sqrt(sum_squares(x, n) / static_cast<float>(n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * inv);
+}
+
+// out = rms_norm(x); x: [T, hidden] contiguous.
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous(), "x and weight must be contiguous");
+  auto out = at::empty_like(x);
+  const int64_t T = x.size(0), n = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) rms_norm_row(o + t * n, xp + t * n, w, n, static_cast<float>(eps));
+  });
+  return out;
+}
+
+// residual += x, then x = rms_norm(residual): the residual stream and the next layer's input
+// in one pass (vLLM's fused_add_rms_norm). Both [T, hidden] contiguous, updated in place.
+void fused_add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
+  check_f32(x, "x");
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous(), "x and residual must be contiguous");
+  const int64_t T = x.size(0), n = x.size(1);
+  float* xp = x.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      float* r = rp + t * n;
+      const float* xr = xp + t * n;
+      for (int64_t i = 0; i < n; ++i) r[i] = r[i] + xr[i];
+      rms_norm_row(xp + t * n, r, w, n, static_cast<float>(eps));
+    }
+  });
+}
+
+// gate_up: [T, 2 * inter] (gate then up) → silu(gate) * up: [T, inter].
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  check_f32(gate_up, "gate_up");
+  TORCH_CHECK(gate_up.is_contiguous(), "gate_up must be contiguous");
+  const int64_t T = gate_up.size(0), inter = gate_up.size(1) / 2;
+  auto out = at::empty({T, inter}, gate_up.options());
+  const float* g = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, T, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* gr = g + t * 2 * inter;
+      float* orow = o + t * inter;
+      int64_t i = 0;
+      for (; i + 16 <= inter; i += 16) {
+        const vf16 x = load16(gr + i);
+        store16(orow + i, x / (1.f + cephes_exp(-x)) * load16(gr + inter + i));
+      }
+      for (; i < inter; ++i) {
+        const float x = gr[i];
+        orow[i] = x / (1.f + cephes_exp(-x)) * gr[inter + i];
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("advise_huge_pages", &advise_huge_pages);
+  m.def("write_kv", &write_kv);
+  m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("rotary_inplace", &rotary_inplace);
+  m.def("rms_norm", &rms_norm);
+  m.def("fused_add_rms_norm", &fused_add_rms_norm);
+  m.def("silu_and_mul", &silu_and_mul);
+}
