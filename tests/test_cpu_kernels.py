@@ -44,14 +44,15 @@ def test_norms_and_activation_match_reference():
     torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate_up[:, :50]) * gate_up[:, 50:])
 
 
-@pytest.mark.parametrize("group", [1, 3])
-def test_paged_decode_attention_matches_dense_attention(group):
+# Generic loops (head_dim 16, block 4) and the compiled-shape fast paths (block 16, head_dim 64/128).
+@pytest.mark.parametrize(("group", "d", "bs"), [(1, 16, 4), (3, 16, 4), (3, 64, 16), (4, 128, 16)])
+def test_paged_decode_attention_matches_dense_attention(group, d, bs):
     g = torch.Generator().manual_seed(2)
-    kv_heads, d, bs, num_blocks = 2, 16, 4, 20
+    kv_heads, num_blocks = 2, 20
     heads = kv_heads * group
     k_cache = torch.zeros(kv_heads, num_blocks, d, bs)  # K transposed inside each block
     v_cache = torch.zeros(kv_heads, num_blocks, bs, d)
-    lens = [1, 6, 13]
+    lens = [1, bs + 2, 3 * bs + 1]  # one slot, a partly filled second block, four blocks
     tables = [[3], [5, 9], [0, 17, 2, 11]]
     # Fill each request's context through the slot path the engine uses.
     contexts = []

@@ -35,6 +35,19 @@ def test_greedy_matches_transformers(which, options, request):
         assert llm.engine.scheduler.num_preemptions > 0
 
 
+@pytest.mark.parametrize("options", [{}, {"max_num_batched_tokens": 5}], ids=["batch", "chunked"])
+def test_plain_pytorch_path_matches_transformers(tiny_qwen2_dir, options, monkeypatch):
+    """With the fused CPU kernels off (no compiler, or PAGEDSERVE_CPU_KERNELS=0) output is unchanged."""
+    monkeypatch.setattr("pagedserve.model.llama.cpu_ops", lambda: None)
+    llm = LLM(str(tiny_qwen2_dir), **options)
+    assert llm.engine.model.fused is None
+    tok = llm.get_tokenizer()
+    hf = _hf_model(tiny_qwen2_dir)
+    outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, tok.encode(prompt), 24, None), prompt
+
+
 def test_no_block_is_shared_and_all_are_freed(tiny_llm):
     engine = tiny_llm.engine
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=30)
