@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -213,3 +214,40 @@ def test_stop_aborts_in_flight(engine):
             await eng.add_request("b", "hi", GREEDY)
 
     run(main())
+
+
+def test_build_makes_and_steps_the_engine_on_one_thread(tiny_llama_dir, tiny_llm):
+    """AsyncLLMEngine.build: the factory runs on the thread that later steps the engine."""
+    built_on = []
+
+    def factory() -> LLMEngine:
+        built_on.append(threading.current_thread())
+        return LLMEngine(EngineConfig.from_kwargs(str(tiny_llama_dir), num_blocks=128, block_size=4))
+
+    expected = tiny_llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+    async def main():
+        eng = AsyncLLMEngine.build(factory)
+        eng.start()
+        outs = await _drain(await eng.add_request("r0", PROMPTS[0], GREEDY))
+        stepped_on = await eng.call(lambda e: threading.current_thread())
+        await eng.stop()
+        return outs, stepped_on
+
+    outs, stepped_on = run(main())
+    assert stepped_on is built_on[0] and stepped_on is not threading.main_thread()
+    assert outs[-1].outputs[0].token_ids == expected
+
+
+def test_build_reraises_factory_errors_and_stop_before_start_ends_the_thread(tiny_llama_dir):
+    def broken() -> LLMEngine:
+        raise ValueError("no such model")
+
+    with pytest.raises(ValueError, match="no such model"):
+        AsyncLLMEngine.build(broken)
+    eng = AsyncLLMEngine.build(lambda: LLMEngine(EngineConfig.from_kwargs(str(tiny_llama_dir), num_blocks=64,
+                                                                          block_size=4)))
+    thread = eng._built_on
+    run(eng.stop())
+    thread.join(5)
+    assert not thread.is_alive()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -69,10 +69,17 @@ def _body_schema(model: type[BaseModel]) -> dict:
                             "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-def build_app(engine: LLMEngine, config: ServerConfig) -> FastAPI:
+def build_app(engine: LLMEngine | Callable[[], LLMEngine], config: ServerConfig) -> FastAPI:
+    """`engine` is an LLMEngine, or a factory for one: then it is built on the thread that will step
+    it, which keeps PyTorch to one OpenMP pool (see AsyncLLMEngine.build) — the fast way to serve."""
     metrics = EngineMetrics(config.served_model_name)
+    if isinstance(engine, LLMEngine):
+        async_engine = AsyncLLMEngine(engine, on_step=metrics.on_step)
+    else:
+        async_engine = AsyncLLMEngine.build(engine, on_step=metrics.on_step)
+    engine = async_engine.engine
     max_in_flight = engine.config.scheduler.max_num_seqs + config.max_queued_requests
-    async_engine = AsyncLLMEngine(engine, max_in_flight=max_in_flight, on_step=metrics.on_step)
+    async_engine.max_in_flight = max_in_flight
     serving = OpenAIServing(async_engine, _tokenizer_copy(engine.tokenizer), config, engine.max_model_len,
                             engine.capacity_tokens, engine.model_config.vocab_size)
     completions = OpenAIServingCompletion(serving)

@@ -44,11 +44,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    engine = LLMEngine(EngineConfig.from_kwargs(args.model, **engine_kwargs(args)))
+    engine_config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key or None,
                           max_queued_requests=args.max_queued_requests,
                           max_body_bytes=args.max_request_body_bytes)
-    return run_server(build_app(engine, config), args.host, args.port, args.shutdown_timeout, args.log_level)
+    # A factory, not an engine: the model is built on the thread that will run it (one OpenMP pool).
+    app = build_app(lambda: LLMEngine(engine_config), config)
+    return run_server(app, args.host, args.port, args.shutdown_timeout, args.log_level)
 
 
 def run_server(app, host: str, port: int, shutdown_timeout: float, log_level: str = "info") -> int:
