@@ -3,8 +3,10 @@
 Wall time per step is split into: scheduling (Scheduler.schedule), input preparation
 (ModelRunner.prepare_inputs), the model forward, the LM head, sampling, and the rest of the engine's
 bookkeeping (token append, stop checks, detokenization). Inside the forward, torch.profiler's per-op
-self time is grouped into matmuls, attention + KV gather/write, and other kernels; what the profiler
-does not see is Python overhead between kernels.
+self time is grouped into matmuls, attention + KV gather/write, and other kernels. The fused CPU
+kernels (pagedserve/kernels) are not ATen ops, so the profiler does not see them: each call is timed
+by a thin wrapper instead and added to its group. What is left is Python overhead between kernels.
+Run with PAGEDSERVE_CPU_KERNELS=0 for the plain-PyTorch path.
 
     .venv/bin/python benchmarks/profile_step.py --batch 16 --context 200 --steps 30
 """
@@ -18,9 +20,11 @@ from collections import defaultdict
 from corpus import corpus_token_ids  # benchmarks/corpus.py (this folder is on sys.path)
 from torch.profiler import ProfilerActivity, profile
 
+import pagedserve.kernels
 from pagedserve import LLM, SamplingParams
 
 MATMUL = {"aten::mm", "aten::addmm", "mkl::_mkl_linear"}
+FUSED_ATTENTION = {"write_kv", "paged_decode_attention"}
 ATTENTION = {"aten::index_select", "aten::index_copy_", "aten::bmm", "aten::_softmax", "aten::masked_fill_",
              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::repeat_interleave"}
 
@@ -38,6 +42,25 @@ def _timed(obj, name: str, bucket: dict[str, float], key: str) -> None:
     setattr(obj, name, wrapper)
 
 
+class _TimedKernels:
+    """Stands in for the compiled kernel module; adds each call's wall time to `seconds[name]`."""
+
+    def __init__(self, module, seconds: dict[str, float]) -> None:
+        self._module, self._seconds = module, seconds
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._module, name)
+
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._seconds[name] += time.perf_counter() - t
+
+        return timed
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=16)
@@ -45,6 +68,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
 
+    fused_seconds: dict[str, float] = defaultdict(float)
+    if (kernels := pagedserve.kernels.cpu_ops()) is not None:
+        pagedserve.kernels._state["ops"] = _TimedKernels(kernels, fused_seconds)
     llm = LLM("smollm2-135m", max_num_seqs=args.batch)
     engine = llm.engine
     ids = corpus_token_ids(llm.get_tokenizer())
@@ -63,12 +89,14 @@ def main() -> None:
     _timed(engine.model, "forward", parts, "forward")
     _timed(engine.model, "compute_logits", parts, "lm_head")
     _timed(engine, "sampler", parts, "sampling")
+    fused_seconds.clear()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             engine.step()
         wall = time.perf_counter() - start
     parts = dict(parts)  # freeze: the unprofiled pass below must not add to it
+    fused = dict(fused_seconds)
     # The profiler's own overhead inflates the wall time; a second, unprofiled pass gives the real figure.
     plain = time.perf_counter()
     for _ in range(10):
@@ -79,6 +107,8 @@ def main() -> None:
     for evt in prof.key_averages():
         group = "matmul" if evt.key in MATMUL else "attention+kv" if evt.key in ATTENTION else "other kernels"
         ops[group] += evt.self_cpu_time_total / 1e6
+    for name, seconds in fused.items():
+        ops["attention+kv" if name in FUSED_ATTENTION else "other kernels"] += seconds
     n = args.steps
     forward = parts["forward"] + parts["lm_head"]
     kernels = sum(ops.values())
