@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +12,25 @@ import torch.nn.functional as F
 from pagedserve.kernels import cpu_ops
 
 ops = cpu_ops()
-pytestmark = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here")
+needs_ops = pytest.mark.skipif(ops is None, reason="CPU kernels could not be built here")
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and shutil.which("c++")), reason="no C++ compiler")
+def test_kernels_build_where_a_compiler_exists():
+    """A broken build would silently fall back to the slower path; where it can build, it must."""
+    assert ops is not None
+
+
+@needs_ops
+def test_float32_cpu_engine_uses_the_fused_path(tiny_llama_dir):
+    from pagedserve import LLM
+    from pagedserve.attention.cpu_paged import CpuPagedAttention
+
+    engine = LLM(str(tiny_llama_dir), num_blocks=8, block_size=4).engine
+    assert isinstance(engine.model.attention_backend, CpuPagedAttention)
+    k_cache, v_cache = engine.runner.kv_caches[0]
+    head_dim = engine.model_config.head_dim
+    assert k_cache.shape[2:] == (head_dim, 4) and v_cache.shape[2:] == (4, head_dim)  # K block-transposed
 
 
 def _rotate_half_reference(x, cos, sin):
@@ -17,6 +38,7 @@ def _rotate_half_reference(x, cos, sin):
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
+@needs_ops
 def test_rotary_matches_reference_bit_for_bit():
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, d = 6, 2, 32
@@ -31,6 +53,7 @@ def test_rotary_matches_reference_bit_for_bit():
     assert torch.equal(qkv[:, (heads + kv_heads) * d:], v_before)  # v is never rotated
 
 
+@needs_ops
 def test_norms_and_activation_match_reference():
     g = torch.Generator().manual_seed(1)
     x, residual, w = torch.randn(7, 96, generator=g), torch.randn(7, 96, generator=g), torch.randn(96, generator=g)
@@ -44,6 +67,7 @@ def test_norms_and_activation_match_reference():
     torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate_up[:, :50]) * gate_up[:, 50:])
 
 
+@needs_ops
 # Generic loops (head_dim 16, block 4) and the compiled-shape fast paths (block 16, head_dim 64/128).
 @pytest.mark.parametrize(("group", "d", "bs"), [(1, 16, 4), (3, 16, 4), (3, 64, 16), (4, 128, 16)])
 def test_paged_decode_attention_matches_dense_attention(group, d, bs):
