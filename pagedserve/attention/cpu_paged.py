@@ -18,10 +18,11 @@ from pagedserve.attention.torch_paged import prefill_attention
 
 
 class CpuPagedAttention:
-    k_block_transposed = True
-
     def __init__(self, ops: ModuleType) -> None:
         self.ops = ops
+
+    def prepare_step(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> None:
+        """Nothing to add: the kernels read the block tables and context lengths directly."""
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                           dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

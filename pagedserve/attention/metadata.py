@@ -25,7 +25,8 @@ class AttentionMetadata:
     num_decode_tokens: int
     decode_block_tables: torch.Tensor | None  # [B, max_blocks] int64, padded with block 0
     decode_context_lens: torch.Tensor | None  # [B] int64, this step's token included
-    # [kv_heads * B * max_blocks]: row (head, block) of the cache viewed as [kv_heads * num_blocks, ...]
-    decode_gather_index: torch.Tensor | None
-    decode_mask: torch.Tensor | None  # [1, B, 1, max_blocks * block_size]; True = padding, masked out
     prefills: list[PrefillSegment]
+    # Filled by the plain-PyTorch backend's prepare_step (the fused kernels read the tables directly):
+    # [kv_heads * B * max_blocks]: row (head, block) of the cache viewed as [kv_heads * num_blocks, ...]
+    decode_gather_index: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size]; True = padding, masked out

@@ -15,9 +15,19 @@ from pagedserve.attention.metadata import AttentionMetadata
 
 
 class TorchPagedAttention:
-    """The backend object a model layer calls; it also owns the cache layout."""
+    """The backend object a model layer calls; it also owns the cache layout and the per-step
+    metadata only it needs."""
 
-    k_block_transposed = False
+    def prepare_step(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> None:
+        """Once per step: the decode gather index and padding mask, from the block tables."""
+        if not meta.num_decode_tokens:
+            return
+        kv_heads, num_blocks, block_size = k_cache.shape[:3]
+        tables, lens = meta.decode_block_tables, meta.decode_context_lens
+        span = torch.arange(tables.shape[1] * block_size, device=tables.device)
+        meta.decode_mask = (span.unsqueeze(0) >= lens.unsqueeze(1)).view(1, len(lens), 1, -1)
+        heads = torch.arange(kv_heads, device=tables.device).view(-1, 1) * num_blocks
+        meta.decode_gather_index = (heads + tables.view(1, -1)).view(-1)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                           dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

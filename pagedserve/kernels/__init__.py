@@ -1,6 +1,6 @@
 """Fused CPU kernels (cpu_ops.cpp), compiled on first use with the machine's own compiler.
 
-The build takes about a minute once per machine and is cached by torch under
+The build takes ~25 s once per machine and is cached by torch under
 ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR). `-march=native` is safe because the build
 happens on the machine that runs it; the CPU's feature flags are part of the build's identity so a
 shared cache never hands one CPU another's binary. Without a compiler, or with
@@ -30,16 +30,12 @@ def _cpu_signature() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:12]
 
 
-def kernels_enabled() -> bool:
-    return os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") != "0"
-
-
 def cpu_ops() -> ModuleType | None:
     """The compiled module, or None when disabled or when the build failed (logged once)."""
     if "ops" in _state:
         return _state["ops"]
     ops = None
-    if kernels_enabled():
+    if os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") != "0":
         # torch's builder calls `ninja`; the venv's copy is on PATH only when the venv is activated.
         bin_dir = str(Path(sys.executable).parent)
         os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")

@@ -88,11 +88,11 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     fused: ModuleType | None = None
-    attention_backend: TorchPagedAttention | CpuPagedAttention = TorchPagedAttention()
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.attention_backend: TorchPagedAttention | CpuPagedAttention = TorchPagedAttention()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

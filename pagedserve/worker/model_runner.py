@@ -34,8 +34,6 @@ class ModelRunner:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.model = model
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        self.kv_heads = cfg.num_key_value_heads
         self.device = device
         # Pre-allocated once; requests only ever get block ids into these tensors. The model's
         # attention backend decides the layout.
@@ -78,7 +76,7 @@ class ModelRunner:
                 sample_rows.append(offset - 1)
                 sampled.append(s)
 
-        mask = gather_index = block_tables = context_lens = None
+        block_tables = context_lens = None
         if decodes:
             lens = [s.request.num_computed_tokens + 1 for s in decodes]
             max_blocks = -(-max(lens) // self.block_size)
@@ -86,20 +84,15 @@ class ModelRunner:
                       for s in decodes]
             block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
             context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
-            span = torch.arange(max_blocks * self.block_size, device=dev)
-            mask = (span.unsqueeze(0) >= context_lens.unsqueeze(1)).view(1, len(decodes), 1, -1)
-            heads = torch.arange(self.kv_heads, device=dev).view(-1, 1) * self.num_blocks
-            gather_index = (heads + block_tables.view(1, -1)).view(-1)
 
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decode_tokens=len(decodes),
             decode_block_tables=block_tables,
             decode_context_lens=context_lens,
-            decode_gather_index=gather_index,
-            decode_mask=mask,
             prefills=segments,
         )
+        self.model.attention_backend.prepare_step(meta, self.kv_caches[0][0])  # once per step, not per layer
         return ModelInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                            torch.tensor(positions, dtype=torch.long, device=dev), meta,
                            torch.tensor(sample_rows, dtype=torch.long, device=dev), sampled)
