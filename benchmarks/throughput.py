@@ -4,6 +4,7 @@ One fixed mixed-length workload (64 requests, prompts of 20–200 tokens, max_to
 ignore_eos so every system makes the same tokens), same weights, same machine, one invocation.
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--max-num-seqs 16] [--systems continuous,static,hf]
+                                              [--device cuda]
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def make_workload(tokenizer, n: int, seed: int) -> list[tuple[list[int], int]]:
     return work
 
 
-def run_engine(policy: str, work, max_num_seqs: int) -> dict:
-    llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
+def run_engine(policy: str, work, max_num_seqs: int, device: str) -> dict:
+    llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, device=device)
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
@@ -46,23 +47,27 @@ def run_engine(policy: str, work, max_num_seqs: int) -> dict:
     return {"system": f"pagedserve-{policy}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}
 
 
-def run_hf(work, batch_size: int) -> dict:
+def run_hf(work, batch_size: int, device: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path("smollm2-135m")
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = model.to(device).eval()
     pad = model.config.eos_token_id or 0
     start = time.perf_counter()
     tokens = 0
     for i in range(0, len(work), batch_size):
         batch = work[i:i + batch_size]
         width = max(len(ids) for ids, _ in batch)
-        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch])  # left padding
-        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch])
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in batch],  # left padding
+                                 device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in batch], device=device)
         new = max(m for _, m in batch)
         with torch.no_grad():
             model.generate(input_ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                            do_sample=False, pad_token_id=pad)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         tokens += sum(m for _, m in batch)  # only the tokens each request asked for count
         print(f"  hf batch {i // batch_size + 1}: {time.perf_counter() - start:.1f}s", flush=True)
     elapsed = time.perf_counter() - start
@@ -77,6 +82,7 @@ def main() -> None:
     ap.add_argument("--hf-batch-size", type=int, default=16)
     ap.add_argument("--systems", default="continuous,static,hf")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (engine and transformers both)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -84,10 +90,11 @@ def main() -> None:
 
     work = make_workload(load_tokenizer(resolve_model_path("smollm2-135m")), args.requests, args.seed)
     print(f"workload: {len(work)} requests, {sum(len(p) for p, _ in work)} prompt tokens, "
-          f"{sum(m for _, m in work)} output tokens; threads={torch.get_num_threads()}")
+          f"{sum(m for _, m in work)} output tokens; threads={torch.get_num_threads()}, device={args.device}")
     results = []
     for system in args.systems.split(","):
-        r = run_hf(work, args.hf_batch_size) if system == "hf" else run_engine(system, work, args.max_num_seqs)
+        r = (run_hf(work, args.hf_batch_size, args.device) if system == "hf"
+             else run_engine(system, work, args.max_num_seqs, args.device))
         print(f"{r['system']:>28}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_per_s']:.1f} tok/s")
         results.append(r)
     by = {r["system"].split("-")[-1] if r["system"].startswith("pagedserve") else "hf": r for r in results}

@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
 
+# The parity tests run the engine here (default cpu); PAGEDSERVE_TEST_DEVICE=cuda runs them on a GPU
+# against the same CPU float32 transformers reference.
+ENGINE_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
+
 # Prompts of varied length for the parity tests (short questions to a long paragraph).
 PARITY_PROMPTS = [
     "The capital of France is",
@@ -105,4 +109,4 @@ def tiny_llm(tiny_llama_dir):
 def smollm2_llm():
     from pagedserve import LLM
 
-    return LLM("smollm2-135m")
+    return LLM("smollm2-135m", device=ENGINE_DEVICE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pagedserve import LLM, SamplingParams
-from tests.conftest import PARITY_PROMPTS, hf_greedy
+from tests.conftest import ENGINE_DEVICE, PARITY_PROMPTS, hf_greedy
 
 MAX_TOKENS = 40
 
@@ -30,13 +30,13 @@ def test_parity_one_continuous_batch(smollm2_llm, hf_reference):
 
 def test_parity_under_preemption(hf_reference):
     # 12 blocks of 16 tokens cannot hold 8 prompts plus their outputs at once: preemption must happen.
-    llm = LLM("smollm2-135m", num_blocks=12, block_size=16)
+    llm = LLM("smollm2-135m", num_blocks=12, block_size=16, device=ENGINE_DEVICE)
     _check(llm, hf_reference)
     assert llm.engine.scheduler.num_preemptions > 0
 
 
 def test_parity_with_chunked_prefill(hf_reference):
-    llm = LLM("smollm2-135m", max_num_batched_tokens=16)
+    llm = LLM("smollm2-135m", max_num_batched_tokens=16, device=ENGINE_DEVICE)
     llm.engine.record_steps = True
     _check(llm, hf_reference)
     # the long prompts (> 16 tokens) were prefilled over several steps
@@ -44,5 +44,5 @@ def test_parity_with_chunked_prefill(hf_reference):
 
 
 def test_parity_static_policy(hf_reference):
-    llm = LLM("smollm2-135m", policy="static", max_num_seqs=3)
+    llm = LLM("smollm2-135m", policy="static", max_num_seqs=3, device=ENGINE_DEVICE)
     _check(llm, hf_reference)

@@ -74,13 +74,14 @@ class Sampler:
         final = logits  # the distribution logprobs are reported from
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
-            rows = torch.tensor(sampled_rows, dtype=torch.long)
+            dev = logits.device  # the per-row parameters live beside the logits (CUDA too)
+            rows = torch.tensor(sampled_rows, dtype=torch.long, device=dev)
             sub = [params[i] for i in sampled_rows]
-            temps = torch.tensor([p.temperature for p in sub], dtype=logits.dtype).unsqueeze(1)
+            temps = torch.tensor([p.temperature for p in sub], dtype=logits.dtype, device=dev).unsqueeze(1)
             vocab = logits.shape[-1]
-            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in sub])
-            top_p = torch.tensor([p.top_p for p in sub], dtype=logits.dtype)
-            min_p = torch.tensor([p.min_p for p in sub], dtype=logits.dtype)
+            top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in sub], device=dev)
+            top_p = torch.tensor([p.top_p for p in sub], dtype=logits.dtype, device=dev)
+            min_p = torch.tensor([p.min_p for p in sub], dtype=logits.dtype, device=dev)
             filtered = logits[rows] / temps
             if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub):  # sorting is the slow part
                 filtered = filter_logits(filtered, top_k, top_p, min_p)
