@@ -25,6 +25,7 @@ from pagedserve import LLM, SamplingParams
 
 MATMUL = {"aten::mm", "aten::addmm", "mkl::_mkl_linear"}
 FUSED_ATTENTION = {"write_kv", "paged_decode_attention"}
+FUSED_MATMUL = {"q4_1_linear"}
 ATTENTION = {"aten::index_select", "aten::index_copy_", "aten::bmm", "aten::_softmax", "aten::masked_fill_",
              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::repeat_interleave"}
 
@@ -108,7 +109,8 @@ def main() -> None:
         group = "matmul" if evt.key in MATMUL else "attention+kv" if evt.key in ATTENTION else "other kernels"
         ops[group] += evt.self_cpu_time_total / 1e6
     for name, seconds in fused.items():
-        ops["attention+kv" if name in FUSED_ATTENTION else "other kernels"] += seconds
+        group = "attention+kv" if name in FUSED_ATTENTION else "matmul" if name in FUSED_MATMUL else "other kernels"
+        ops[group] += seconds
     n = args.steps
     forward = parts["forward"] + parts["lm_head"]
     kernels = sum(ops.values())

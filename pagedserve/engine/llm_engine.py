@@ -17,7 +17,13 @@ from pagedserve.core.kv_cache_manager import KVCacheManager, KVCacheStats
 from pagedserve.core.scheduler import Scheduler
 from pagedserve.detokenizer import IncrementalDetokenizer
 from pagedserve.model.layers.sampler import Sampler
-from pagedserve.model.loader import iter_weights, load_config, load_tokenizer, resolve_model_path
+from pagedserve.model.loader import (
+    iter_q4_1_rows,
+    iter_weights,
+    load_config,
+    load_tokenizer,
+    resolve_model_path,
+)
 from pagedserve.model.registry import model_class_for
 from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedserve.request import Request, RequestStatus
@@ -73,6 +79,7 @@ class LLMEngine:
         self.model_config = cfg = load_config(path)
         model = model_class_for(cfg.architecture)(cfg)
         model.load_weights(iter_weights(path, cfg))
+        model.attach_q4_1(iter_q4_1_rows(path, cfg))  # used by the CPU float32 path, else dropped
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
         self.model.rotary.float()  # cos/sin tables stay float32 for accuracy; cast per step
         self.model.prepare_for_inference()

@@ -18,7 +18,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "quant_linear.cpp")]
 _state: dict[str, ModuleType | None] = {}
 
 
@@ -42,7 +42,7 @@ def cpu_ops() -> ModuleType | None:
         try:
             from torch.utils.cpp_extension import load
 
-            ops = load(name="pagedserve_cpu_ops", sources=[str(_SOURCE)],
+            ops = load(name="pagedserve_cpu_ops", sources=[str(p) for p in _SOURCES],
                        extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
                                      f"-DPAGEDSERVE_CPU_SIGNATURE={_cpu_signature()}"],
                        extra_ldflags=["-fopenmp"], verbose=False)

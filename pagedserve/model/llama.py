@@ -120,13 +120,13 @@ class LlamaForCausalLM(nn.Module):
         return self.output_projection(hidden).float()
 
     def prepare_for_inference(self) -> None:
-        """After the weights are final (loaded, cast, moved): build the CPU packed-GEMM copies and
-        switch to the fused CPU kernels where they apply (float32 on CPU, and they built)."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.pack_for_cpu()
+        """After the weights are final (loaded, cast, moved): switch to the fused CPU kernels where
+        they apply (float32 on CPU, and they built) and set up the linear layers' CPU fast paths."""
         weight = self.embed_tokens.weight
         self.fused = cpu_ops() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare_cpu_paths(self.fused)
         self.attention_backend = TorchPagedAttention() if self.fused is None else CpuPagedAttention(self.fused)
         for module in self.modules():
             if isinstance(module, (RMSNorm, LlamaMLP)):
@@ -137,33 +137,29 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take HF-named tensors; q/k/v and gate/up are concatenated into the fused projections."""
         params = dict(self.named_parameters())
-        pending: dict[str, dict[str, torch.Tensor]] = {}
-        fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-                 "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
         loaded: set[str] = set()
-        for name, tensor in weights:
-            name = name.removeprefix("model.")
+        for name, tensor in _fuse_projections(weights):
             if "rotary_emb" in name:
                 continue
             if self.lm_head is None and name == "lm_head.weight":
                 continue  # tied: the embedding is the output projection
-            parts = name.split(".")
-            if len(parts) >= 2 and parts[-2] in fused:
-                target, index = fused[parts[-2]]
-                fused_name = ".".join(parts[:-2] + [target, parts[-1]])
-                group = pending.setdefault(fused_name, {})
-                group[index] = tensor
-                need = 3 if target == "qkv_proj" else 2
-                if len(group) == need:
-                    self._copy(params, fused_name, torch.cat([group[i] for i in range(need)], dim=0))
-                    loaded.add(fused_name)
-                    del pending[fused_name]
-                continue
             self._copy(params, name, tensor)
             loaded.add(name)
         missing = set(params) - loaded
-        if pending or missing:
-            raise ValueError(f"checkpoint is missing weights: {sorted(missing | set(pending))[:8]}")
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
+
+    def attach_q4_1(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Keep the checkpoint's raw Q4_1 rows beside the float32 weights of the linear layers that
+        had them (q/k/v and gate/up only when every part did); returns how many layers got them."""
+        linears = {name + ".weight": m for name, m in self.named_modules() if isinstance(m, Linear)}
+        attached = 0
+        for name, raw in _fuse_projections(weights):
+            module = linears.get(name)
+            if module is not None and raw.shape[0] == module.out_features:
+                module.q4_1_raw = raw
+                attached += 1
+        return attached
 
     @staticmethod
     def _copy(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
@@ -174,3 +170,27 @@ class LlamaForCausalLM(nn.Module):
                              f"{tuple(params[name].shape)}")
         with torch.no_grad():
             params[name].copy_(tensor)
+
+
+_FUSED_PARTS = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_proj": ("qkv_proj", 2, 3),
+                "gate_proj": ("gate_up_proj", 0, 2), "up_proj": ("gate_up_proj", 1, 2)}
+
+
+def _fuse_projections(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+    """HF names → this model's names: q/k/v rows concatenated into qkv_proj, gate/up into gate_up_proj
+    (a fused tensor comes out once all its parts have; one with a part missing never does)."""
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in weights:
+        name = name.removeprefix("model.")
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in _FUSED_PARTS:
+            target, index, need = _FUSED_PARTS[parts[-2]]
+            fused_name = ".".join(parts[:-2] + [target, parts[-1]])
+            group = pending.setdefault(fused_name, {})
+            group[index] = tensor
+            if len(group) == need:
+                yield fused_name, torch.cat([group[i] for i in range(need)], dim=0)
+                del pending[fused_name]
+            continue
+        yield name, tensor
+

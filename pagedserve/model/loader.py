@@ -187,6 +187,27 @@ def _iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, t
         yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C"))  # owned, writable
 
 
+def iter_q4_1_rows(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF parameter name, raw Q4_1 rows uint8 [out, in / 32 * 20]) for every GGUF matrix stored as
+    Q4_1, rows in the same (un-permuted) order as iter_weights gives: for the kernel that reads them."""
+    import gguf
+
+    if path.suffix != ".gguf":
+        return
+    reader = _gguf_reader(path)
+    permuted = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None or t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or not name.endswith(".weight"):
+            continue
+        rows = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[-1]), -1)
+        if permuted and name.endswith("q_proj.weight"):
+            rows = _unpermute(rows, config.num_attention_heads)
+        elif permuted and name.endswith("k_proj.weight"):
+            rows = _unpermute(rows, config.num_key_value_heads)
+        yield name, torch.from_numpy(np.array(rows, order="C"))
+
+
 def model_size_bytes(path: Path) -> int:
     if path.is_file():
         return os.path.getsize(path)

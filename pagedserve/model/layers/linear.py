@@ -1,13 +1,24 @@
-"""Linear layer with an optional MKL packed-weight path for small CPU batches.
+"""Linear layer with fast paths for small CPU batches: GGUF Q4_1 weights read directly, or MKL's
+packed GEMM.
 
 Decode steps multiply a handful of rows by every weight matrix, which leaves a plain sgemm far below
-memory bandwidth. MKL's packed GEMM (the same one PyTorch's inductor uses for frozen CPU graphs)
-is faster from 4 up to ~128 rows on this machine when the weight is packed for 64-row batches
-(measured over all of SmolLM2's matrices: 16 rows 36 vs 51 ms, 64 rows 62 vs 90 ms, 128 rows 112 vs
-129 ms against F.linear); larger prefill chunks and 1–3 rows take F.linear.
+memory bandwidth. Two remedies, both float32 arithmetic on the same weight values:
+
+- When the checkpoint stored the matrix as Q4_1 (the default SmolLM2 GGUF), the fused CPU kernel
+  expands the 4-bit blocks in registers as it multiplies (pagedserve/kernels/quant_linear.cpp): a
+  sixth of the bytes to read. Over all of SmolLM2's matrices: 1 row 6.5 vs 19 ms, 16 rows 17 vs
+  32 ms, 32 rows 28 vs 39 ms; from ~64 rows both are compute-bound and MKL is as fast.
+- Otherwise MKL's packed GEMM (the one PyTorch's inductor uses for frozen CPU graphs), faster than
+  F.linear from 4 up to ~128 rows when packed for 64-row batches (16 rows 36 vs 51 ms, 64 rows 62 vs
+  90 ms, 128 rows 112 vs 129 ms).
+
+Larger prefill chunks take F.linear (or the packed GEMM up to 128 rows).
 """
 
 from __future__ import annotations
+
+import os
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -15,21 +26,46 @@ from torch import nn
 
 PACKED_ROWS = range(4, 129)
 PACK_FOR_ROWS = 64  # MKL's packing is tuned for one batch size; 64 serves 16–128 rows well
+Q4_1_MAX_ROWS = 48  # above this the 4-bit kernel is no faster than MKL's packed GEMM
 
 
 def mkl_packing_available() -> bool:
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
+def quantized_matmul_enabled() -> bool:
+    """PAGEDSERVE_QUANT_MATMUL=0 keeps the float32 GEMMs even for Q4_1 checkpoints (for A/B runs)."""
+    return os.environ.get("PAGEDSERVE_QUANT_MATMUL", "1") != "0"
+
+
 class Linear(nn.Linear):
     packed: torch.Tensor | None = None
+    # The checkpoint's Q4_1 rows [out_features, in_features / 32 * 20] (llama.cpp's block layout),
+    # when it had them, kept until prepare_cpu_paths decides whether the kernel can use them.
+    q4_1_raw: torch.Tensor | None = None
+    q4_1: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ops: ModuleType | None = None
 
-    def pack_for_cpu(self) -> None:
-        """Keep an MKL-packed copy of the fp32 weight (costs the weight's size again in memory)."""
-        if self.weight.device.type == "cpu" and self.weight.dtype == torch.float32 and mkl_packing_available():
+    def prepare_cpu_paths(self, ops: ModuleType | None) -> None:
+        """Set up the fast paths that apply to float32 weights on CPU: the Q4_1 kernel (when the
+        weights came as Q4_1 and the compiled kernels have it) and MKL's packed copy (costs the weight's
+        size again in memory)."""
+        raw, self.q4_1_raw = self.q4_1_raw, None
+        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+            return
+        if (raw is not None and ops is not None and quantized_matmul_enabled() and ops.q4_1_simd()
+                and self.out_features % 32 == 0):
+            self.q4_1 = tuple(ops.q4_1_pack(raw, self.in_features))
+            self.ops = ops
+        if mkl_packing_available():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_FOR_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.dim() == 2 and x.shape[0] in PACKED_ROWS:
-            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
+        if x.dim() == 2:
+            rows = x.shape[0]
+            if self.q4_1 is not None and rows <= Q4_1_MAX_ROWS:
+                out = self.ops.q4_1_linear(x, *self.q4_1)
+                return out if self.bias is None else out.add_(self.bias)
+            if self.packed is not None and rows in PACKED_ROWS:
+                return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
         return F.linear(x, self.weight, self.bias)
