@@ -25,7 +25,7 @@ from pagedserve import LLM, SamplingParams
 
 MATMUL = {"aten::mm", "aten::addmm", "mkl::_mkl_linear"}
 FUSED_ATTENTION = {"write_kv", "paged_decode_attention"}
-FUSED_MATMUL = {"q4_1_linear"}
+FUSED_MATMUL = {"quant_linear"}
 ATTENTION = {"aten::index_select", "aten::index_copy_", "aten::bmm", "aten::_softmax", "aten::masked_fill_",
              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::repeat_interleave"}
 

@@ -18,7 +18,7 @@ from pagedserve.core.scheduler import Scheduler
 from pagedserve.detokenizer import IncrementalDetokenizer
 from pagedserve.model.layers.sampler import Sampler
 from pagedserve.model.loader import (
-    iter_q4_1_rows,
+    iter_quantized_rows,
     iter_weights,
     load_config,
     load_tokenizer,
@@ -79,7 +79,7 @@ class LLMEngine:
         self.model_config = cfg = load_config(path)
         model = model_class_for(cfg.architecture)(cfg)
         model.load_weights(iter_weights(path, cfg))
-        model.attach_q4_1(iter_q4_1_rows(path, cfg))  # used by the CPU float32 path, else dropped
+        model.attach_quantized(iter_quantized_rows(path, cfg))  # for the CPU float32 path, else dropped
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
         self.model.rotary.float()  # cos/sin tables stay float32 for accuracy; cast per step
         self.model.prepare_for_inference()

@@ -376,7 +376,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("fused_add_rms_norm", &fused_add_rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
-  m.def("q4_1_pack", &q4_1_pack);
-  m.def("q4_1_linear", &q4_1_linear);
-  m.def("q4_1_simd", &q4_1_simd);
+  m.def("quant_pack", &quant_pack);
+  m.def("quant_linear", &quant_linear);
+  m.def("quant_linear_simd", &quant_linear_simd);
 }

@@ -1,15 +1,17 @@
-// Linear layers that read GGUF Q4_1 weights directly (see quant_linear.cpp).
+// Linear layers that read GGUF Q4_1 / Q8_0 weights directly (see quant_linear.cpp).
 #pragma once
 #include <torch/extension.h>
 
+#include <string>
 #include <vector>
 
-// Raw Q4_1 rows [N, K/32*20] (uint8, llama.cpp's block layout) -> {qs, d, m} in the panel layout
-// that q4_1_linear reads: 32 output features per panel.
-std::vector<torch::Tensor> q4_1_pack(torch::Tensor raw, int64_t in_features);
+// Raw GGUF rows [N, K/32 * block bytes] (uint8, llama.cpp's block layout) of `format` ("Q4_1" or
+// "Q8_0") -> {codes, d, m} in the panel layout quant_linear reads (m is empty for Q8_0).
+std::vector<torch::Tensor> quant_pack(torch::Tensor raw, int64_t in_features, const std::string& format);
 
 // x [M, K] float32 @ dequant(W)^T -> [M, N]; the weights equal gguf's own dequantization bit for bit.
-torch::Tensor q4_1_linear(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m);
+torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m,
+                           const std::string& format);
 
-// Whether q4_1_linear was compiled with its AVX-512 kernel (otherwise a slow portable loop).
-bool q4_1_simd();
+// Whether quant_linear was compiled with its AVX-512 kernels (without AVX-512 it only raises).
+bool quant_linear_simd();

@@ -187,25 +187,27 @@ def _iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, t
         yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C"))  # owned, writable
 
 
-def iter_q4_1_rows(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF parameter name, raw Q4_1 rows uint8 [out, in / 32 * 20]) for every GGUF matrix stored as
-    Q4_1, rows in the same (un-permuted) order as iter_weights gives: for the kernel that reads them."""
+def iter_quantized_rows(path: Path, config: ModelConfig) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """(HF parameter name, format, raw rows uint8 [out, in / 32 * block bytes]) for every GGUF matrix
+    stored as Q4_1 or Q8_0, rows in the same (un-permuted) order as iter_weights gives: for the kernel
+    that reads them directly."""
     import gguf
 
     if path.suffix != ".gguf":
         return
+    formats = {gguf.GGMLQuantizationType.Q4_1: "Q4_1", gguf.GGMLQuantizationType.Q8_0: "Q8_0"}
     reader = _gguf_reader(path)
     permuted = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
     for t in reader.tensors:
         name = _hf_name(t.name)
-        if name is None or t.tensor_type != gguf.GGMLQuantizationType.Q4_1 or not name.endswith(".weight"):
+        if name is None or t.tensor_type not in formats or not name.endswith(".weight") or len(t.shape) != 2:
             continue
         rows = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[-1]), -1)
         if permuted and name.endswith("q_proj.weight"):
             rows = _unpermute(rows, config.num_attention_heads)
         elif permuted and name.endswith("k_proj.weight"):
             rows = _unpermute(rows, config.num_key_value_heads)
-        yield name, torch.from_numpy(np.array(rows, order="C"))
+        yield name, formats[t.tensor_type], torch.from_numpy(np.array(rows, order="C"))
 
 
 def model_size_bytes(path: Path) -> int:

@@ -1,13 +1,14 @@
-"""Linear layer with fast paths for small CPU batches: GGUF Q4_1 weights read directly, or MKL's
-packed GEMM.
+"""Linear layer with fast paths for small CPU batches: GGUF Q4_1/Q8_0 weights read directly, or
+MKL's packed GEMM.
 
 Decode steps multiply a handful of rows by every weight matrix, which leaves a plain sgemm far below
 memory bandwidth. Two remedies, both float32 arithmetic on the same weight values:
 
-- When the checkpoint stored the matrix as Q4_1 (the default SmolLM2 GGUF), the fused CPU kernel
-  expands the 4-bit blocks in registers as it multiplies (pagedserve/kernels/quant_linear.cpp): a
-  sixth of the bytes to read. Over all of SmolLM2's matrices: 1 row 6.5 vs 19 ms, 16 rows 17 vs
-  32 ms, 32 rows 28 vs 39 ms; from ~64 rows both are compute-bound and MKL is as fast.
+- When the checkpoint stored the matrix as Q4_1 or Q8_0 (the default SmolLM2 GGUF: Q4_1 layers, a
+  Q8_0 embedding that is also the output projection), the fused CPU kernel expands the blocks in
+  registers as it multiplies (pagedserve/kernels/quant_linear.cpp), reading a sixth (a quarter) of
+  the bytes. Over SmolLM2's layer matrices: 1 row 6.5 vs 19 ms, 16 rows 17 vs 32 ms, 32 rows 28 vs
+  39 ms; from ~64 rows both are compute-bound and MKL is as fast.
 - Otherwise MKL's packed GEMM (the one PyTorch's inductor uses for frozen CPU graphs), faster than
   F.linear from 4 up to ~128 rows when packed for 64-row batches (16 rows 36 vs 51 ms, 64 rows 62 vs
   90 ms, 128 rows 112 vs 129 ms).
@@ -26,7 +27,8 @@ from torch import nn
 
 PACKED_ROWS = range(4, 129)
 PACK_FOR_ROWS = 64  # MKL's packing is tuned for one batch size; 64 serves 16–128 rows well
-Q4_1_MAX_ROWS = 48  # above this the 4-bit kernel is no faster than MKL's packed GEMM
+QUANT_MAX_ROWS = 48  # above this the quantized kernel is no faster than MKL's packed GEMM
+QUANT_FORMATS = ("Q4_1", "Q8_0")  # what the kernel reads (llama.cpp block layouts)
 
 
 def mkl_packing_available() -> bool:
@@ -34,28 +36,30 @@ def mkl_packing_available() -> bool:
 
 
 def quantized_matmul_enabled() -> bool:
-    """PAGEDSERVE_QUANT_MATMUL=0 keeps the float32 GEMMs even for Q4_1 checkpoints (for A/B runs)."""
+    """PAGEDSERVE_QUANT_MATMUL=0 keeps the float32 GEMMs even for quantized checkpoints (A/B runs)."""
     return os.environ.get("PAGEDSERVE_QUANT_MATMUL", "1") != "0"
 
 
 class Linear(nn.Linear):
     packed: torch.Tensor | None = None
-    # The checkpoint's Q4_1 rows [out_features, in_features / 32 * 20] (llama.cpp's block layout),
-    # when it had them, kept until prepare_cpu_paths decides whether the kernel can use them.
-    q4_1_raw: torch.Tensor | None = None
-    q4_1: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # The checkpoint's raw rows (format, uint8 [out_features, in_features / 32 * block bytes]) when it
+    # stored this matrix quantized; kept until prepare_cpu_paths decides whether the kernel uses them.
+    quant_raw: tuple[str, torch.Tensor] | None = None
+    quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None = None
     ops: ModuleType | None = None
 
     def prepare_cpu_paths(self, ops: ModuleType | None) -> None:
-        """Set up the fast paths that apply to float32 weights on CPU: the Q4_1 kernel (when the
-        weights came as Q4_1 and the compiled kernels have it) and MKL's packed copy (costs the weight's
-        size again in memory)."""
-        raw, self.q4_1_raw = self.q4_1_raw, None
+        """Set up the fast paths that apply to float32 weights on CPU: the quantized kernel (when the
+        weights came quantized and the compiled kernels have it) and MKL's packed copy (costs the
+        weight's size again in memory)."""
+        raw, self.quant_raw = self.quant_raw, None
         if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
             return
-        if (raw is not None and ops is not None and quantized_matmul_enabled() and ops.q4_1_simd()
-                and self.out_features % 32 == 0):
-            self.q4_1 = tuple(ops.q4_1_pack(raw, self.in_features))
+        out_features, in_features = self.weight.shape  # not self.in_features: a tied head borrows its weight
+        if (raw is not None and raw[0] in QUANT_FORMATS and ops is not None and quantized_matmul_enabled()
+                and ops.quant_linear_simd() and out_features % 32 == 0 and in_features % 32 == 0):
+            codes, scale, minimum = ops.quant_pack(raw[1], in_features, raw[0])
+            self.quant = (codes, scale, minimum, raw[0])
             self.ops = ops
         if mkl_packing_available():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_FOR_ROWS)
@@ -63,8 +67,8 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             rows = x.shape[0]
-            if self.q4_1 is not None and rows <= Q4_1_MAX_ROWS:
-                out = self.ops.q4_1_linear(x, *self.q4_1)
+            if self.quant is not None and 0 < rows <= QUANT_MAX_ROWS:
+                out = self.ops.quant_linear(x, *self.quant)
                 return out if self.bias is None else out.add_(self.bias)
             if self.packed is not None and rows in PACKED_ROWS:
                 return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
