@@ -74,7 +74,8 @@ def test_linear_uses_the_kernel_for_small_batches_with_bias():
     layer.quant_raw = ("Q4_1", raw)
     layer.prepare_cpu_paths(ops)
     assert layer.quant is not None and layer.quant_raw is None
-    for rows in (1, QUANT_MAX_ROWS, QUANT_MAX_ROWS + 1, 300):  # kernel, kernel, MKL packed, F.linear
+    assert layer.packed is None  # no second float32 copy for a quantized layer
+    for rows in (1, 17, QUANT_MAX_ROWS, QUANT_MAX_ROWS + 1):  # kernel (both paths), then F.linear
         x = torch.randn(rows, 128)
         assert torch.allclose(layer(x), F.linear(x, ref, layer.bias), rtol=1e-5, atol=1e-5)
 
@@ -88,6 +89,8 @@ def test_linear_without_the_kernel_keeps_the_float32_path(monkeypatch):
     layer.quant_raw = ("Q4_1", raw)
     layer.prepare_cpu_paths(ops)
     assert layer.quant is None and layer.quant_raw is None  # the raw copy is not kept around
+    x = torch.randn(16, 128)
+    assert torch.allclose(layer(x), F.linear(x, ref), rtol=1e-5, atol=1e-5)
 
 
 def test_raw_rows_are_unpermuted_like_the_float_weights(tiny_llama_dir, tmp_path):

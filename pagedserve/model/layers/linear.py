@@ -7,13 +7,13 @@ memory bandwidth. Two remedies, both float32 arithmetic on the same weight value
 - When the checkpoint stored the matrix as Q4_1 or Q8_0 (the default SmolLM2 GGUF: Q4_1 layers, a
   Q8_0 embedding that is also the output projection), the fused CPU kernel expands the blocks in
   registers as it multiplies (pagedserve/kernels/quant_linear.cpp), reading a sixth (a quarter) of
-  the bytes. Over SmolLM2's layer matrices: 1 row 6.5 vs 19 ms, 16 rows 17 vs 32 ms, 32 rows 28 vs
-  39 ms; from ~64 rows both are compute-bound and MKL is as fast.
+  the bytes. Over SmolLM2's layer matrices against MKL's packed GEMM: 1 row 6.5 vs 19 ms, 16 rows 16
+  vs 30 ms, 48 rows 35 vs 42 ms, 128 rows 81 vs 86 ms. Such a layer keeps no packed copy.
 - Otherwise MKL's packed GEMM (the one PyTorch's inductor uses for frozen CPU graphs), faster than
   F.linear from 4 up to ~128 rows when packed for 64-row batches (16 rows 36 vs 51 ms, 64 rows 62 vs
-  90 ms, 128 rows 112 vs 129 ms).
+  90 ms, 128 rows 112 vs 129 ms), at the cost of a second copy of the weight.
 
-Larger prefill chunks take F.linear (or the packed GEMM up to 128 rows).
+Larger prefill chunks take F.linear.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 
 PACKED_ROWS = range(4, 129)
 PACK_FOR_ROWS = 64  # MKL's packing is tuned for one batch size; 64 serves 16–128 rows well
-QUANT_MAX_ROWS = 48  # above this the quantized kernel is no faster than MKL's packed GEMM
+QUANT_MAX_ROWS = 128  # measured no slower than MKL's packed GEMM up to here
 QUANT_FORMATS = ("Q4_1", "Q8_0")  # what the kernel reads (llama.cpp block layouts)
 
 
@@ -49,8 +49,8 @@ class Linear(nn.Linear):
     ops: ModuleType | None = None
 
     def prepare_cpu_paths(self, ops: ModuleType | None) -> None:
-        """Set up the fast paths that apply to float32 weights on CPU: the quantized kernel (when the
-        weights came quantized and the compiled kernels have it) and MKL's packed copy (costs the
+        """Set up the fast path that applies to float32 weights on CPU: the quantized kernel when the
+        weights came quantized and the compiled kernels have it, else MKL's packed copy (costs the
         weight's size again in memory)."""
         raw, self.quant_raw = self.quant_raw, None
         if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
@@ -61,7 +61,7 @@ class Linear(nn.Linear):
             codes, scale, minimum = ops.quant_pack(raw[1], in_features, raw[0])
             self.quant = (codes, scale, minimum, raw[0])
             self.ops = ops
-        if mkl_packing_available():
+        elif mkl_packing_available():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_FOR_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
