@@ -79,7 +79,8 @@ class LLMEngine:
         self.model_config = cfg = load_config(path)
         model = model_class_for(cfg.architecture)(cfg)
         model.load_weights(iter_weights(path, cfg))
-        model.attach_quantized(iter_quantized_rows(path, cfg))  # for the CPU float32 path, else dropped
+        if self.device.type == "cpu" and config.torch_dtype == torch.float32:  # the only path that reads them
+            model.attach_quantized(iter_quantized_rows(path, cfg))
         self.model = model.to(device=self.device, dtype=config.torch_dtype).eval()
         self.model.rotary.float()  # cos/sin tables stay float32 for accuracy; cast per step
         self.model.prepare_for_inference()

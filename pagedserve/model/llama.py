@@ -149,24 +149,21 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
 
-    def attach_quantized(self, weights: Iterable[tuple[str, str, torch.Tensor]]) -> int:
+    def attach_quantized(self, weights: Iterable[tuple[str, str, torch.Tensor]]) -> None:
         """Keep the checkpoint's raw quantized rows (name, format, rows) beside the float32 weights of
         the linear layers that had them (q/k/v and gate/up only when every part had the same format;
-        a tied output projection takes the embedding's); returns how many layers got them."""
+        a tied output projection takes the embedding's)."""
         linears = {name + ".weight": m for name, m in self.named_modules() if isinstance(m, Linear)}
         if self.lm_head is None:
             linears["embed_tokens.weight"] = self.output_projection
         by_format: dict[str, list[tuple[str, torch.Tensor]]] = {}
         for name, fmt, raw in weights:
             by_format.setdefault(fmt, []).append((name, raw))
-        attached = 0
         for fmt, items in by_format.items():
             for name, raw in _fuse_projections(items):
                 module = linears.get(name)
                 if module is not None and raw.shape[0] == module.weight.shape[0]:
                     module.quant_raw = (fmt, raw)
-                    attached += 1
-        return attached
 
     @staticmethod
     def _copy(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:

@@ -166,11 +166,21 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _hf_row_order(name: str, rows: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """A GGUF matrix's rows (float or raw quantized blocks) in HF order: Llama-architecture q/k
+    un-permuted, everything else as stored."""
+    if config.architecture in ("LlamaForCausalLM", "MistralForCausalLM"):
+        if name.endswith("q_proj.weight"):
+            return _unpermute(rows, config.num_attention_heads)
+        if name.endswith("k_proj.weight"):
+            return _unpermute(rows, config.num_key_value_heads)
+    return rows
+
+
 def _iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     import gguf
 
     reader = _gguf_reader(path)
-    permuted = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
     for t in reader.tensors:
         name = _hf_name(t.name)
         if name is None:
@@ -179,11 +189,8 @@ def _iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, t
             data = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise ValueError(f"GGUF tensor {t.name}: quantization {t.tensor_type.name} is not supported") from e
-        data = np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
-        if permuted and name.endswith("q_proj.weight"):
-            data = _unpermute(data, config.num_attention_heads)
-        elif permuted and name.endswith("k_proj.weight"):
-            data = _unpermute(data, config.num_key_value_heads)
+        data = _hf_row_order(name, np.asarray(data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)]),
+                             config)
         yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C"))  # owned, writable
 
 
@@ -196,17 +203,11 @@ def iter_quantized_rows(path: Path, config: ModelConfig) -> Iterator[tuple[str, 
     if path.suffix != ".gguf":
         return
     formats = {gguf.GGMLQuantizationType.Q4_1: "Q4_1", gguf.GGMLQuantizationType.Q8_0: "Q8_0"}
-    reader = _gguf_reader(path)
-    permuted = config.architecture in ("LlamaForCausalLM", "MistralForCausalLM")
-    for t in reader.tensors:
+    for t in _gguf_reader(path).tensors:
         name = _hf_name(t.name)
         if name is None or t.tensor_type not in formats or not name.endswith(".weight") or len(t.shape) != 2:
             continue
-        rows = np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[-1]), -1)
-        if permuted and name.endswith("q_proj.weight"):
-            rows = _unpermute(rows, config.num_attention_heads)
-        elif permuted and name.endswith("k_proj.weight"):
-            rows = _unpermute(rows, config.num_key_value_heads)
+        rows = _hf_row_order(name, np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[-1]), -1), config)
         yield name, formats[t.tensor_type], torch.from_numpy(np.array(rows, order="C"))
 
 

@@ -28,7 +28,6 @@ from torch import nn
 PACKED_ROWS = range(4, 129)
 PACK_FOR_ROWS = 64  # MKL's packing is tuned for one batch size; 64 serves 16–128 rows well
 QUANT_MAX_ROWS = 128  # measured no slower than MKL's packed GEMM up to here
-QUANT_FORMATS = ("Q4_1", "Q8_0")  # what the kernel reads (llama.cpp block layouts)
 
 
 def mkl_packing_available() -> bool:
@@ -56,7 +55,7 @@ class Linear(nn.Linear):
         if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
             return
         out_features, in_features = self.weight.shape  # not self.in_features: a tied head borrows its weight
-        if (raw is not None and raw[0] in QUANT_FORMATS and ops is not None and quantized_matmul_enabled()
+        if (raw is not None and ops is not None and quantized_matmul_enabled()
                 and ops.quant_linear_simd() and out_features % 32 == 0 and in_features % 32 == 0):
             codes, scale, minimum = ops.quant_pack(raw[1], in_features, raw[0])
             self.quant = (codes, scale, minimum, raw[0])
@@ -67,7 +66,7 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             rows = x.shape[0]
-            if self.quant is not None and 0 < rows <= QUANT_MAX_ROWS:
+            if self.quant is not None and rows <= QUANT_MAX_ROWS:
                 out = self.ops.quant_linear(x, *self.quant)
                 return out if self.bias is None else out.add_(self.bias)
             if self.packed is not None and rows in PACKED_ROWS:
