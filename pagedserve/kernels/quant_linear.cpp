@@ -28,6 +28,7 @@ constexpr int64_t kPanel = 32;       // output features per panel: two AVX-512 r
 constexpr int64_t kBlock = 32;       // inputs per GGUF block (one scale per feature and block)
 constexpr int64_t kRowsPerTile = 8;  // rows sharing one pass over an expanded panel: 16 accumulators
 constexpr int64_t kDirectMaxRows = 16;
+constexpr int64_t kPrefetchBlocks = 8;  // the direct path asks for codes 8 blocks ahead, into L2
 
 enum class Format { kQ4_1, kQ8_0 };
 
@@ -77,7 +78,10 @@ void half_panel_direct(const float* x, int64_t K, Panel panel, int64_t nb, int64
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t kb = 0; kb < nb; ++kb) {
     e.block(kb);
+    const uint8_t* ahead = panel.codes + (kb + kPrefetchBlocks) * code_rows(F) * kPanel;
     for (int64_t j = 0; j < kBlock; ++j) {
+      if (j < code_rows(F) / 2 && kb + kPrefetchBlocks < nb)  // a 64-byte line of codes per j
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * 64), _MM_HINT_T1);
       const __m512 w = e.weights(j);
       const int64_t k = kb * kBlock + j;
       for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, acc[r]);
