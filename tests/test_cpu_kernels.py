@@ -94,3 +94,21 @@ def test_paged_decode_attention_matches_dense_attention(group, d, bs):
         values = v.transpose(0, 1).repeat_interleave(group, dim=0)
         want = F.scaled_dot_product_attention(q[b].unsqueeze(1), keys, values).squeeze(1)
         torch.testing.assert_close(out[b], want, rtol=1e-5, atol=1e-6)
+
+
+@needs_ops
+def test_argmax_rows_matches_torch_argmax_with_ties_and_nan():
+    g = torch.Generator().manual_seed(3)
+    cases = [torch.randn(64, 49152, generator=g), torch.randn(3, 5, generator=g), torch.randn(2, 17, generator=g),
+             torch.randn(7, 1, generator=g), torch.randint(0, 3, (8, 999), generator=g).float()]  # many ties
+    special = torch.randn(5, 1000, generator=g)
+    special[0, 10] = special[0, 500] = float("nan")  # the first NaN wins
+    special[1, :] = float("-inf")
+    special[2, 3] = special[2, 900] = float("inf")
+    special[3, :] = 0.0
+    special[3, 5] = -0.0
+    special[4, 999] = float("nan")  # a NaN in the scalar tail
+    for logits in [*cases, special]:
+        assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
+    with pytest.raises(RuntimeError, match="logits must be"):
+        ops.argmax_rows(torch.randn(4))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pagedserve.kernels import cpu_ops
 from pagedserve.model.layers.sampler import Sampler
 from pagedserve.request import Request
 from pagedserve.sampling_params import SamplingParams
@@ -74,11 +75,17 @@ def test_empirical_frequencies_match_target(params):
     assert torch.all((freq - target).abs() <= 5 * se + 1e-9), (freq, target)
 
 
-def test_greedy_takes_argmax_after_penalties():
+@pytest.mark.parametrize("kernels", [False, True], ids=["torch-argmax", "cpu-kernel-argmax"])
+def test_greedy_takes_argmax_after_penalties(kernels):
+    ops = cpu_ops() if kernels else None
+    if kernels and ops is None:
+        pytest.skip("CPU kernels could not be built here")
     p = SamplingParams(temperature=0, repetition_penalty=2.0)
     req = Request("r", None, [0], p, eos_token_id=None)
-    out = Sampler()(LOGITS.unsqueeze(0), [req])
+    out = Sampler(ops)(LOGITS.unsqueeze(0), [req])
     assert out.token_ids == [1]  # token 0 (logit 2.0 → 1.0) now loses to token 1 (1.5)
+    plain = Request("p", None, [0], SamplingParams(temperature=0), eos_token_id=None)
+    assert Sampler(ops)(LOGITS.unsqueeze(0), [plain]).token_ids == [0]  # the one-argmax path
 
 
 def test_min_tokens_masks_eos():

@@ -399,6 +399,51 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
 
 }  // namespace
 
+// Greedy decoding's argmax over each row of the logits [B, V] (float32, contiguous), as
+// torch.argmax: the first index of the maximum, and the first NaN wins if a row has one. One
+// vectorised pass finds the maximum (and any NaN), a second the first index holding it. ATen's
+// argmax is ~4x slower on a [64, 49152] batch (2 ms, ~2% of a decode step).
+at::Tensor argmax_rows(const at::Tensor& logits) {
+  check_f32(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.size(1) > 0, "logits must be [B, V>0] contiguous");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  auto out = at::empty({B}, logits.options().dtype(at::kLong));
+  const float* lp = logits.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* row = lp + b * V;
+      float m = row[0];
+      bool nan = row[0] != row[0];
+      int64_t i = 0;
+      if (V >= 16) {
+        vf16 vmax = load16(row);
+        vi16 vnan = vmax != vmax;
+        for (i = 16; i + 16 <= V; i += 16) {
+          const vf16 v = load16(row + i);
+          vmax = v > vmax ? v : vmax;
+          vnan |= v != v;
+        }
+        for (int l = 0; l < 16; ++l) {
+          m = vmax[l] > m ? vmax[l] : m;
+          nan |= vnan[l] != 0;
+        }
+      }
+      for (; i < V; ++i) {
+        m = row[i] > m ? row[i] : m;
+        nan |= row[i] != row[i];
+      }
+      int64_t at = 0;
+      if (nan)
+        while (!(row[at] != row[at])) ++at;
+      else
+        while (row[at] != m) ++at;
+      op[b] = at;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &advise_huge_pages);
   m.def("write_kv", &write_kv);
@@ -407,6 +452,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("fused_add_rms_norm", &fused_add_rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
+  m.def("argmax_rows", &argmax_rows);
   m.def("quant_pack", &quant_pack);
   m.def("quant_linear", &quant_linear);
   m.def("quant_linear_simd", &quant_linear_simd);

@@ -8,6 +8,7 @@ A seeded request draws from its own torch.Generator, so its text does not depend
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -51,12 +52,15 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 
 
 class Sampler:
+    def __init__(self, ops: ModuleType | None = None) -> None:
+        self.ops = ops  # the fused CPU kernels, for greedy rows' argmax on float32 CPU logits
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         params = [r.params for r in requests]
         simple = all(p.greedy and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0
                      for p in params)
         if simple:  # the common benchmark case: one argmax, no copies
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
+            return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
 
         logits = logits.float().clone()
         for i, (req, p) in enumerate(zip(requests, params, strict=True)):
@@ -70,7 +74,7 @@ class Sampler:
                 apply_penalties(logits[i], req.prompt_token_ids, req.output_token_ids,
                                 p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
 
-        tokens = logits.argmax(dim=-1)
+        tokens = self._argmax(logits)
         final = logits  # the distribution logprobs are reported from
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         if sampled_rows:
@@ -102,6 +106,12 @@ class Sampler:
                 logprob_out[i] = (float(logp[j, token_list[i]]),
                                   list(zip(top_ids.tolist(), top_vals.tolist(), strict=True)))
         return SamplerOutput(token_list, logprob_out)
+
+
+    def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.ops is not None and logits.dtype == torch.float32 and logits.device.type == "cpu":
+            return self.ops.argmax_rows(logits.contiguous())  # same ties and NaN rule, ~4x faster
+        return logits.argmax(dim=-1)
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
