@@ -130,6 +130,9 @@ def main() -> None:
     print("| part | ms/step (profiled) | share |\n| --- | ---: | ---: |")
     for name, seconds in rows:
         print(f"| {name} | {seconds / n * 1000:.1f} | {seconds / wall * 100:.0f}% |")
+    if fused:
+        print("fused kernels, ms/step: " + ", ".join(
+            f"{name} {seconds / n * 1000:.1f}" for name, seconds in sorted(fused.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":
