@@ -112,3 +112,41 @@ def test_argmax_rows_matches_torch_argmax_with_ties_and_nan():
         assert torch.equal(ops.argmax_rows(logits), logits.argmax(dim=-1))
     with pytest.raises(RuntimeError, match="logits must be"):
         ops.argmax_rows(torch.randn(4))
+
+
+@needs_ops
+# Generic loops (head_dim 16, block 4), and the tiled fast paths (block 16, head_dim 64/128; groups
+# whose tiles hold 4, 3 and 12 query tokens).
+@pytest.mark.parametrize(("group", "d", "bs"), [(3, 16, 4), (3, 64, 16), (4, 128, 16), (1, 64, 16)])
+def test_paged_prefill_attention_matches_causal_attention(group, d, bs):
+    g = torch.Generator().manual_seed(5)
+    kv_heads, num_blocks = 2, 40
+    heads = kv_heads * group
+    k_cache = torch.zeros(kv_heads, num_blocks, d, bs)
+    v_cache = torch.zeros(kv_heads, num_blocks, bs, d)
+    # (tokens already cached, query tokens this step): a whole prompt, a chunk after a cached prefix,
+    # a one-token segment, and lengths that leave a partial tile and a partial block.
+    shapes = [(0, 7), (2 * bs + 3, 13), (5, 1), (0, 3 * bs + 2)]
+    tables = [[3, 8], [0, 17, 2, 11, 30, 31], [21, 22], [4, 5, 6, 7]]
+    total = sum(n for _, n in shapes)
+    q = torch.randn(total + 2, heads, d, generator=g)  # two leading rows stand for decode tokens
+    out = torch.full_like(q, float("nan"))
+    info, contexts, start = [], [], 2
+    for (cached, n), table in zip(shapes, tables, strict=True):
+        ctx = cached + n
+        k, v = torch.randn(ctx, kv_heads, d, generator=g), torch.randn(ctx, kv_heads, d, generator=g)
+        ops.write_kv(k_cache, v_cache, k, v, torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx)]))
+        info.append((start, n, ctx))
+        contexts.append((k, v))
+        start += n
+    width = max(len(t) for t in tables)
+    seg_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    ops.paged_prefill_attention(out, q, k_cache, v_cache, torch.tensor(info), seg_tables, d ** -0.5)
+    assert out[:2].isnan().all()  # rows outside the segments are left alone
+    for (start, n, ctx), (k, v) in zip(info, contexts, strict=True):
+        keys = k.transpose(0, 1).repeat_interleave(group, dim=0)  # [heads, ctx, d]
+        values = v.transpose(0, 1).repeat_interleave(group, dim=0)
+        rows = torch.arange(n).unsqueeze(1) + (ctx - n)
+        mask = torch.arange(ctx).unsqueeze(0) <= rows  # each query sees its prefix and itself
+        want = F.scaled_dot_product_attention(q[start:start + n].transpose(0, 1), keys, values, attn_mask=mask)
+        torch.testing.assert_close(out[start:start + n], want.transpose(0, 1), rtol=1e-5, atol=1e-6)

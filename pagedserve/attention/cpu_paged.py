@@ -1,10 +1,10 @@
 """Paged attention with the fused CPU kernels (float32 on CPU; see pagedserve/kernels).
 
-K/V writes and decode attention read the cache in place through each request's block table, so
-no padded copy of the batch's context is gathered per layer. The K cache keeps each block
-transposed, [head_dim, block_size], so one block's scores are head_dim SIMD multiply-adds across
-its slots. Prefill segments are few per step and already one SDPA call each, so they share the
-plain-PyTorch code.
+K/V writes and attention read the cache in place through each request's block table, so no padded
+copy of the batch's context is gathered per layer. The K cache keeps each block transposed,
+[head_dim, block_size], so one block's scores are head_dim SIMD multiply-adds across its slots.
+Decode tokens and prefill segments (whole prompts, or chunks after a cached prefix) each take one
+kernel call per layer; the segments' positions and block tables are packed once per step.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.attention.torch_paged import prefill_attention
 
 
 class CpuPagedAttention:
@@ -22,7 +22,14 @@ class CpuPagedAttention:
         self.ops = ops
 
     def prepare_step(self, meta: AttentionMetadata, k_cache: torch.Tensor) -> None:
-        """Nothing to add: the kernels read the block tables and context lengths directly."""
+        """Pack the prefill segments for the kernel: (start, length, context length) and block tables."""
+        if not meta.prefills:
+            return
+        width = max(len(seg.block_table) for seg in meta.prefills)
+        meta.prefill_info = torch.tensor([(seg.start, seg.length, seg.context_len) for seg in meta.prefills],
+                                         dtype=torch.long)
+        meta.prefill_tables = torch.stack([F.pad(seg.block_table, (0, width - len(seg.block_table)))
+                                           for seg in meta.prefills])
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                           dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,5 +48,7 @@ class CpuPagedAttention:
         if nd:
             self.ops.paged_decode_attention(out, q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                             meta.decode_context_lens, scale)
-        prefill_attention(out, q, k, v, k_cache, v_cache, meta, scale, k_block_transposed=True)
+        if meta.prefills:
+            self.ops.paged_prefill_attention(out, q, k_cache, v_cache, meta.prefill_info, meta.prefill_tables,
+                                             scale)
         return out

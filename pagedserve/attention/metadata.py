@@ -30,3 +30,6 @@ class AttentionMetadata:
     # [kv_heads * B * max_blocks]: row (head, block) of the cache viewed as [kv_heads * num_blocks, ...]
     decode_gather_index: torch.Tensor | None = None
     decode_mask: torch.Tensor | None = None  # [1, B, 1, max_blocks * block_size]; True = padding, masked out
+    # Filled by the fused CPU backend's prepare_step when the step has prefill segments:
+    prefill_info: torch.Tensor | None = None  # [S, 3] int64: (start, length, context_len) per segment
+    prefill_tables: torch.Tensor | None = None  # [S, max_blocks] int64, padded with block 0

@@ -47,14 +47,9 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int,
-                   block_transposed: bool = False) -> torch.Tensor:
-    """[kv_heads, length, head_dim] of one request, read through its block table. A block-transposed
-    cache holds each block as [head_dim, block_size] (the CPU kernels' K layout)."""
-    blocks = cache[:, block_table]
-    if block_transposed:
-        blocks = blocks.transpose(-1, -2)
-    return blocks.flatten(1, 2)[:, :length]
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """[kv_heads, length, head_dim] of one request, read through its block table."""
+    return cache[:, block_table].flatten(1, 2)[:, :length]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -87,8 +82,7 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
 
 
 def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                      k_block_transposed: bool = False) -> None:
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> None:
     """Each prefill segment: causal attention over its new tokens and, for a later chunk, the cached prefix."""
     group = q.shape[1] // k.shape[1]
     for seg in meta.prefills:
@@ -98,7 +92,7 @@ def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
             mask, causal = None, True
         else:  # a later chunk: attend to the cached prefix plus this chunk, causally
-            ks = gather_context(k_cache, seg.block_table, seg.context_len, k_block_transposed)
+            ks = gather_context(k_cache, seg.block_table, seg.context_len)
             vs = gather_context(v_cache, seg.block_table, seg.context_len)
             rows = torch.arange(seg.length, device=q.device).unsqueeze(1) + (seg.context_len - seg.length)
             mask, causal = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= rows, False

@@ -297,6 +297,130 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   });
 }
 
+// Prefill attention: each query token of a segment (a prompt, or a chunk of one) attends to its
+// request's context up to and including itself, read through the block table (this step's K/V are
+// already written). q: [T, heads, head_dim] (unit last stride); out: [T, heads, head_dim]
+// contiguous, only the segments' rows written. seg_info: [S, 3] int64 rows of (first row in q,
+// query tokens, context length after this step); seg_tables: [S, max_blocks] int64.
+// One work item is (segment, KV head, tile of up to QT consecutive query tokens): the tile's QT x G
+// query vectors share every K load, so the scores are compute-bound multiply-adds instead of one
+// latency-bound chain per token as in decode. Each token's softmax and V sum then run as in decode.
+template <int64_t D, int64_t G, int64_t QT>
+void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_row, int64_t q_head,
+                       const float* kc, const float* vc, const int64_t* table, int64_t first_len, int64_t nt,
+                       int64_t head_base, float scale, float* scores) {
+  constexpr int64_t kBs = 16, kVecs = D / 16, kBlockFloats = D * kBs, kQ = QT * G;
+  const int64_t max_len = first_len + nt - 1;
+  const int64_t nblocks = (max_len + kBs - 1) / kBs, padded = nblocks * kBs;
+  float qs[kQ][D];
+  for (int64_t j = 0; j < QT; ++j)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < D; ++i) qs[j * G + g][i] = j < nt ? q[j * q_row + g * q_head + i] * scale : 0.f;
+  for (int64_t n = 0; n < nblocks; ++n) {
+    const float* kb = kc + (head_base + table[n]) * kBlockFloats;  // [D][16]
+    vf16 sv[kQ] = {};
+    for (int64_t i = 0; i < D; ++i) {
+      const vf16 k = load16(kb + i * kBs);
+      for (int64_t v = 0; v < kQ; ++v) sv[v] += qs[v][i] * k;
+    }
+    for (int64_t v = 0; v < kQ; ++v) store16(scores + v * padded + n * kBs, sv[v]);
+  }
+  for (int64_t j = 0; j < nt; ++j) {
+    const int64_t len = first_len + j;
+    for (int64_t g = 0; g < G; ++g) {
+      float* sg = scores + (j * G + g) * padded;
+      const float mx = *std::max_element(sg, sg + len);
+      const float inv = 1.f / exp_shifted_inplace(sg, len, mx);
+      for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+    }
+    vf16 acc[G][kVecs] = {};
+    for (int64_t t = 0; t < len; ++t) {
+      const float* vt = vc + ((head_base + table[t / kBs]) * kBs + t % kBs) * D;
+      vf16 v[kVecs];
+      for (int64_t c = 0; c < kVecs; ++c) v[c] = load16(vt + c * 16);
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = scores[(j * G + g) * padded + t];
+        for (int64_t c = 0; c < kVecs; ++c) acc[g][c] += p * v[c];
+      }
+    }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t c = 0; c < kVecs; ++c) store16(out + j * out_row + g * D + c * 16, acc[g][c]);
+  }
+}
+
+using PrefillTile = void (*)(float*, int64_t, const float*, int64_t, int64_t, const float*, const float*,
+                             const int64_t*, int64_t, int64_t, int64_t, float, float*);
+
+// Tokens per tile: about 12 query vectors (registers for their scores), at least one token.
+constexpr int64_t prefill_tokens_per_tile(int64_t group) { return group >= 12 ? 1 : 12 / group; }
+
+template <int64_t D, int64_t G>
+constexpr PrefillTile prefill_tile() { return &prefill_tile_fast<D, G, prefill_tokens_per_tile(G)>; }
+
+PrefillTile pick_prefill_tile(int64_t bs, int64_t d, int64_t group) {
+  if (bs != 16 || group < 1 || group > 8) return nullptr;
+  static constexpr PrefillTile d64[] = {prefill_tile<64, 1>(), prefill_tile<64, 2>(), prefill_tile<64, 3>(),
+                                        prefill_tile<64, 4>(), prefill_tile<64, 5>(), prefill_tile<64, 6>(),
+                                        prefill_tile<64, 7>(), prefill_tile<64, 8>()};
+  static constexpr PrefillTile d128[] = {prefill_tile<128, 1>(), prefill_tile<128, 2>(), prefill_tile<128, 3>(),
+                                         prefill_tile<128, 4>(), prefill_tile<128, 5>(), prefill_tile<128, 6>(),
+                                         prefill_tile<128, 7>(), prefill_tile<128, 8>()};
+  if (d == 64) return d64[group - 1];
+  if (d == 128) return d128[group - 1];
+  return nullptr;
+}
+
+void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& seg_info, const at::Tensor& seg_tables,
+                             double scale) {
+  check_f32(q, "q");
+  check_f32(k_cache, "k_cache");
+  TORCH_CHECK(out.is_contiguous() && q.stride(2) == 1, "out must be contiguous, q needs a unit last stride");
+  TORCH_CHECK(seg_info.is_contiguous() && seg_tables.is_contiguous() && seg_info.size(1) == 3, "bad segment tensors");
+  const int64_t heads = q.size(1), d = q.size(2);
+  const int64_t kvh = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(3);
+  const int64_t group = heads / kvh, max_blocks = seg_tables.size(1), S = seg_info.size(0);
+  const int64_t* info = seg_info.data_ptr<int64_t>();
+  const int64_t* tables = seg_tables.data_ptr<int64_t>();
+  const float* kc = k_cache.data_ptr<float>();
+  const float* vc = v_cache.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float fscale = static_cast<float>(scale);
+  const PrefillTile fast = pick_prefill_tile(bs, d, group);
+  const int64_t tile = fast ? prefill_tokens_per_tile(group) : 1;
+  struct Item { int64_t seg, head, first; };  // first: the tile's first query token within the segment
+  std::vector<Item> items;
+  int64_t max_len = 1;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t n = info[s * 3 + 1], ctx = info[s * 3 + 2];
+    TORCH_CHECK(n >= 1 && ctx >= n && (ctx + bs - 1) / bs <= max_blocks, "segment ", s, " does not fit its table");
+    max_len = std::max(max_len, ctx);
+    for (int64_t h = 0; h < kvh; ++h)
+      for (int64_t j = 0; j < n; j += tile) items.push_back({s, h, j});
+  }
+  const int64_t padded = (max_len + bs - 1) / bs * bs;
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(tile * group * padded);
+    for (int64_t w = begin; w < end; ++w) {
+      const Item it = items[w];
+      const int64_t row0 = info[it.seg * 3], n = info[it.seg * 3 + 1], ctx = info[it.seg * 3 + 2];
+      const int64_t first_len = ctx - n + it.first + 1;  // the tile's first token sees the prefix and itself
+      const int64_t nt = std::min(tile, n - it.first), row = row0 + it.first;
+      const float* qh = qp + row * q.stride(0) + it.head * group * q.stride(1);
+      float* o = op + (row * heads + it.head * group) * d;
+      const int64_t* table = tables + it.seg * max_blocks;
+      if (fast) {
+        fast(o, heads * d, qh, q.stride(0), q.stride(1), kc, vc, table, first_len, nt, it.head * num_blocks, fscale,
+             scores.data());
+      } else {
+        decode_item_generic(o, qh, q.stride(1), kc, vc, table, first_len, it.head * num_blocks, fscale,
+                            scores.data(), d, bs, group);
+      }
+    }
+  });
+}
+
 // In place on the first `rotated_heads` heads of x: [T, >= rotated_heads * head_dim] (row stride
 // free, unit last stride). cos/sin tables: [max_positions, head_dim]; HF's rotate-half layout:
 // out = x * cos + rotate_half(x) * sin.
@@ -448,6 +572,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("advise_huge_pages", &advise_huge_pages);
   m.def("write_kv", &write_kv);
   m.def("paged_decode_attention", &paged_decode_attention);
+  m.def("paged_prefill_attention", &paged_prefill_attention);
   m.def("rotary_inplace", &rotary_inplace);
   m.def("rms_norm", &rms_norm);
   m.def("fused_add_rms_norm", &fused_add_rms_norm);
