@@ -4,7 +4,7 @@ One fixed mixed-length workload (64 requests, prompts of 20–200 tokens, max_to
 ignore_eos so every system makes the same tokens), same weights, same machine, one invocation.
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--max-num-seqs 16] [--systems continuous,static,hf]
-                                              [--device cuda]
+                                              [--device cuda] [--timeline]
 """
 
 from __future__ import annotations
@@ -34,14 +34,31 @@ def make_workload(tokenizer, n: int, seed: int) -> list[tuple[list[int], int]]:
     return work
 
 
-def run_engine(policy: str, work, max_num_seqs: int, device: str) -> dict:
+def print_timeline(records) -> None:
+    """Where the run's time went: steps with prompt tokens, then decode steps by batch size."""
+    prefill = [r for r in records if r.num_prefill_seqs]
+    decode = [r for r in records if not r.num_prefill_seqs]
+    print(f"  steps with prompt tokens: {len(prefill)}, {sum(r.duration for r in prefill):.1f}s; "
+          f"decode-only steps: {len(decode)}, {sum(r.duration for r in decode):.1f}s")
+    by_size: dict[int, list[float]] = {}
+    for r in decode:
+        by_size.setdefault((r.num_seqs + 7) // 8 * 8, []).append(r.duration)
+    for size, durations in sorted(by_size.items()):
+        print(f"    batch {size - 7}-{size}: {len(durations)} steps, {sum(durations):.1f}s, "
+              f"{1000 * sum(durations) / len(durations):.1f} ms/step")
+
+
+def run_engine(policy: str, work, max_num_seqs: int, device: str, timeline: bool = False) -> dict:
     llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, device=device)
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    llm.engine.record_steps = timeline
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
+    if timeline:
+        print_timeline(llm.engine.step_records)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == sum(m for _, m in work)
     return {"system": f"pagedserve-{policy}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}
@@ -84,6 +101,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (engine and transformers both)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--timeline", action="store_true", help="print where each engine run's time went, by step kind")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     from pagedserve.model.loader import load_tokenizer
@@ -94,7 +112,7 @@ def main() -> None:
     results = []
     for system in args.systems.split(","):
         r = (run_hf(work, args.hf_batch_size, args.device) if system == "hf"
-             else run_engine(system, work, args.max_num_seqs, args.device))
+             else run_engine(system, work, args.max_num_seqs, args.device, args.timeline))
         print(f"{r['system']:>28}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_per_s']:.1f} tok/s")
         results.append(r)
     by = {r["system"].split("-")[-1] if r["system"].startswith("pagedserve") else "hf": r for r in results}
