@@ -129,15 +129,18 @@ void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const
   float* vc = v_cache.data_ptr<float>();
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t block = slots[t] / bs, offset = slots[t] % bs;
-    for (int64_t h = 0; h < kvh; ++h) {
-      const float* src = kp + t * k.stride(0) + h * k.stride(1);
-      float* kdst = kc + (h * num_blocks + block) * d * bs + offset;
-      for (int64_t i = 0; i < d; ++i) kdst[i * bs] = src[i];
-      std::copy_n(vp + t * v.stride(0) + h * v.stride(1), d, vc + ((h * num_blocks + block) * bs + offset) * d);
+  // Every token of a step has its own slot, so tokens can be written in parallel.
+  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = slots[t] / bs, offset = slots[t] % bs;
+      for (int64_t h = 0; h < kvh; ++h) {
+        const float* src = kp + t * k.stride(0) + h * k.stride(1);
+        float* kdst = kc + (h * num_blocks + block) * d * bs + offset;
+        for (int64_t i = 0; i < d; ++i) kdst[i * bs] = src[i];
+        std::copy_n(vp + t * v.stride(0) + h * v.stride(1), d, vc + ((h * num_blocks + block) * bs + offset) * d);
+      }
     }
-  }
+  });
 }
 
 // Decode attention: one query token per request, its context read block by block from the cache.
