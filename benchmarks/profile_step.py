@@ -24,7 +24,8 @@ import pagedserve.kernels
 from pagedserve import LLM, SamplingParams
 
 MATMUL = {"aten::mm", "aten::addmm", "mkl::_mkl_linear"}
-FUSED_ATTENTION = {"write_kv", "paged_decode_attention"}
+FUSED_ATTENTION = {"write_kv", "paged_decode_attention", "paged_prefill_attention"}
+FUSED_SAMPLING = {"argmax_rows"}  # called by the sampler: inside "sampling", not the forward
 FUSED_MATMUL = {"quant_linear"}
 ATTENTION = {"aten::index_select", "aten::index_copy_", "aten::bmm", "aten::_softmax", "aten::masked_fill_",
              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::repeat_interleave"}
@@ -109,6 +110,8 @@ def main() -> None:
         group = "matmul" if evt.key in MATMUL else "attention+kv" if evt.key in ATTENTION else "other kernels"
         ops[group] += evt.self_cpu_time_total / 1e6
     for name, seconds in fused.items():
+        if name in FUSED_SAMPLING:
+            continue
         group = "attention+kv" if name in FUSED_ATTENTION else "matmul" if name in FUSED_MATMUL else "other kernels"
         ops[group] += seconds
     n = args.steps

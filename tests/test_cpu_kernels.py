@@ -67,6 +67,19 @@ def test_norms_and_activation_match_reference():
     torch.testing.assert_close(ops.silu_and_mul(gate_up), F.silu(gate_up[:, :50]) * gate_up[:, 50:])
 
 
+def _filled_cache(kv_heads, num_blocks, d, bs, lens, tables, g):
+    """A K/V cache in the kernels' layout (K transposed inside each block) holding one random context
+    per request, written through the slot path the engine uses; also returns the contexts."""
+    k_cache = torch.zeros(kv_heads, num_blocks, d, bs)
+    v_cache = torch.zeros(kv_heads, num_blocks, bs, d)
+    contexts = []
+    for n, table in zip(lens, tables, strict=True):
+        k, v = torch.randn(n, kv_heads, d, generator=g), torch.randn(n, kv_heads, d, generator=g)
+        ops.write_kv(k_cache, v_cache, k, v, torch.tensor([table[p // bs] * bs + p % bs for p in range(n)]))
+        contexts.append((k, v))
+    return k_cache, v_cache, contexts
+
+
 @needs_ops
 # Generic loops (head_dim 16, block 4) and the compiled-shape fast paths (block 16, head_dim 64/128).
 @pytest.mark.parametrize(("group", "d", "bs"), [(1, 16, 4), (3, 16, 4), (3, 64, 16), (4, 128, 16)])
@@ -74,17 +87,9 @@ def test_paged_decode_attention_matches_dense_attention(group, d, bs):
     g = torch.Generator().manual_seed(2)
     kv_heads, num_blocks = 2, 20
     heads = kv_heads * group
-    k_cache = torch.zeros(kv_heads, num_blocks, d, bs)  # K transposed inside each block
-    v_cache = torch.zeros(kv_heads, num_blocks, bs, d)
     lens = [1, bs + 2, 3 * bs + 1]  # one slot, a partly filled second block, four blocks
     tables = [[3], [5, 9], [0, 17, 2, 11]]
-    # Fill each request's context through the slot path the engine uses.
-    contexts = []
-    for n, table in zip(lens, tables, strict=True):
-        k, v = torch.randn(n, kv_heads, d, generator=g), torch.randn(n, kv_heads, d, generator=g)
-        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(n)])
-        ops.write_kv(k_cache, v_cache, k, v, slots)
-        contexts.append((k, v))
+    k_cache, v_cache, contexts = _filled_cache(kv_heads, num_blocks, d, bs, lens, tables, g)
     q = torch.randn(3, heads, d, generator=g)
     block_tables = torch.tensor([t + [0] * (4 - len(t)) for t in tables])
     out = torch.empty_like(q)
@@ -122,22 +127,17 @@ def test_paged_prefill_attention_matches_causal_attention(group, d, bs):
     g = torch.Generator().manual_seed(5)
     kv_heads, num_blocks = 2, 40
     heads = kv_heads * group
-    k_cache = torch.zeros(kv_heads, num_blocks, d, bs)
-    v_cache = torch.zeros(kv_heads, num_blocks, bs, d)
     # (tokens already cached, query tokens this step): a whole prompt, a chunk after a cached prefix,
     # a one-token segment, and lengths that leave a partial tile and a partial block.
     shapes = [(0, 7), (2 * bs + 3, 13), (5, 1), (0, 3 * bs + 2)]
     tables = [[3, 8], [0, 17, 2, 11, 30, 31], [21, 22], [4, 5, 6, 7]]
+    k_cache, v_cache, contexts = _filled_cache(kv_heads, num_blocks, d, bs, [c + n for c, n in shapes], tables, g)
     total = sum(n for _, n in shapes)
     q = torch.randn(total + 2, heads, d, generator=g)  # two leading rows stand for decode tokens
     out = torch.full_like(q, float("nan"))
-    info, contexts, start = [], [], 2
-    for (cached, n), table in zip(shapes, tables, strict=True):
-        ctx = cached + n
-        k, v = torch.randn(ctx, kv_heads, d, generator=g), torch.randn(ctx, kv_heads, d, generator=g)
-        ops.write_kv(k_cache, v_cache, k, v, torch.tensor([table[p // bs] * bs + p % bs for p in range(ctx)]))
-        info.append((start, n, ctx))
-        contexts.append((k, v))
+    info, start = [], 2
+    for cached, n in shapes:
+        info.append((start, n, cached + n))
         start += n
     width = max(len(t) for t in tables)
     seg_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])

@@ -94,7 +94,7 @@ class LLMEngine:
         self.kv = KVCacheManager(num_blocks, cc.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(self.model, cfg, num_blocks, cc.block_size, config.torch_dtype, self.device)
-        self.sampler = Sampler(getattr(self.model, "fused", None))
+        self.sampler = Sampler(self.model.fused)
         self.eos_token_id = self._eos_id()
         self._groups: dict[str, _Group] = {}
         self._seq_to_group: dict[str, _Group] = {}

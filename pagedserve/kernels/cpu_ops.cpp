@@ -13,6 +13,8 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <array>
+#include <utility>
 #include <bit>
 #include <cstring>
 #include <type_traits>
@@ -235,24 +237,27 @@ void decode_item_generic(float* out, const float* qh, int64_t q_head_stride, con
   }
 }
 
-template <int64_t D, int64_t G>
-constexpr auto fast_item() { return &decode_item_fast<D, G>; }
+// The attention kernels are compiled for block_size 16, head_dim 64 or 128 and 1–8 query heads per KV
+// head; Kernel<D, G>::fn is that shape's function. Any other shape gets nullptr (the generic loops).
+template <template <int64_t, int64_t> class Kernel, int64_t D, int64_t... G>
+constexpr auto group_table(std::integer_sequence<int64_t, G...>) {
+  return std::array{Kernel<D, G + 1>::fn...};
+}
 
-using FastItem = void (*)(float*, const float*, int64_t, const float*, const float*, const int64_t*, int64_t,
-                          int64_t, float, float*, const float* const*);
-
-FastItem pick_fast_item(int64_t bs, int64_t d, int64_t group) {
-  if (bs != 16) return nullptr;
-  static constexpr FastItem d64[] = {fast_item<64, 1>(), fast_item<64, 2>(), fast_item<64, 3>(), fast_item<64, 4>(),
-                                     fast_item<64, 5>(), fast_item<64, 6>(), fast_item<64, 7>(), fast_item<64, 8>()};
-  static constexpr FastItem d128[] = {fast_item<128, 1>(), fast_item<128, 2>(), fast_item<128, 3>(),
-                                      fast_item<128, 4>(), fast_item<128, 5>(), fast_item<128, 6>(),
-                                      fast_item<128, 7>(), fast_item<128, 8>()};
-  if (group < 1 || group > 8) return nullptr;
+template <template <int64_t, int64_t> class Kernel>
+auto pick_kernel(int64_t bs, int64_t d, int64_t group) -> decltype(Kernel<64, 1>::fn) {
+  static constexpr auto d64 = group_table<Kernel, 64>(std::make_integer_sequence<int64_t, 8>{});
+  static constexpr auto d128 = group_table<Kernel, 128>(std::make_integer_sequence<int64_t, 8>{});
+  if (bs != 16 || group < 1 || group > 8) return nullptr;
   if (d == 64) return d64[group - 1];
   if (d == 128) return d128[group - 1];
   return nullptr;
 }
+
+template <int64_t D, int64_t G>
+struct DecodeKernel {
+  static constexpr auto fn = &decode_item_fast<D, G>;
+};
 
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
@@ -270,7 +275,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  const FastItem fast = pick_fast_item(bs, d, group);
+  const auto fast = pick_kernel<DecodeKernel>(bs, d, group);
   const int64_t max_len = *std::max_element(lens, lens + B);
   const int64_t padded = (max_len + bs - 1) / bs * bs;
 
@@ -351,27 +356,13 @@ void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_ro
   }
 }
 
-using PrefillTile = void (*)(float*, int64_t, const float*, int64_t, int64_t, const float*, const float*,
-                             const int64_t*, int64_t, int64_t, int64_t, float, float*);
-
 // Tokens per tile: about 12 query vectors (registers for their scores), at least one token.
 constexpr int64_t prefill_tokens_per_tile(int64_t group) { return group >= 12 ? 1 : 12 / group; }
 
 template <int64_t D, int64_t G>
-constexpr PrefillTile prefill_tile() { return &prefill_tile_fast<D, G, prefill_tokens_per_tile(G)>; }
-
-PrefillTile pick_prefill_tile(int64_t bs, int64_t d, int64_t group) {
-  if (bs != 16 || group < 1 || group > 8) return nullptr;
-  static constexpr PrefillTile d64[] = {prefill_tile<64, 1>(), prefill_tile<64, 2>(), prefill_tile<64, 3>(),
-                                        prefill_tile<64, 4>(), prefill_tile<64, 5>(), prefill_tile<64, 6>(),
-                                        prefill_tile<64, 7>(), prefill_tile<64, 8>()};
-  static constexpr PrefillTile d128[] = {prefill_tile<128, 1>(), prefill_tile<128, 2>(), prefill_tile<128, 3>(),
-                                         prefill_tile<128, 4>(), prefill_tile<128, 5>(), prefill_tile<128, 6>(),
-                                         prefill_tile<128, 7>(), prefill_tile<128, 8>()};
-  if (d == 64) return d64[group - 1];
-  if (d == 128) return d128[group - 1];
-  return nullptr;
-}
+struct PrefillKernel {
+  static constexpr auto fn = &prefill_tile_fast<D, G, prefill_tokens_per_tile(G)>;
+};
 
 void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& seg_info, const at::Tensor& seg_tables,
@@ -390,7 +381,7 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
-  const PrefillTile fast = pick_prefill_tile(bs, d, group);
+  const auto fast = pick_kernel<PrefillKernel>(bs, d, group);
   const int64_t tile = fast ? prefill_tokens_per_tile(group) : 1;
   struct Item { int64_t seg, head, first; };  // first: the tile's first query token within the segment
   std::vector<Item> items;

@@ -197,4 +197,3 @@ def _fuse_projections(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[t
                 del pending[fused_name]
             continue
         yield name, tensor
-

@@ -107,7 +107,6 @@ class Sampler:
                                   list(zip(top_ids.tolist(), top_vals.tolist(), strict=True)))
         return SamplerOutput(token_list, logprob_out)
 
-
     def _argmax(self, logits: torch.Tensor) -> torch.Tensor:
         if self.ops is not None and logits.dtype == torch.float32 and logits.device.type == "cpu":
             return self.ops.argmax_rows(logits.contiguous())  # same ties and NaN rule, ~4x faster
