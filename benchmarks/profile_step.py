@@ -6,7 +6,9 @@ bookkeeping (token append, stop checks, detokenization). Inside the forward, tor
 self time is grouped into matmuls, attention + KV gather/write, and other kernels. The fused CPU
 kernels (pagedserve/kernels) are not ATen ops, so the profiler does not see them: each call is timed
 by a thin wrapper instead and added to its group. What is left is Python overhead between kernels.
-Run with PAGEDSERVE_CPU_KERNELS=0 for the plain-PyTorch path.
+With the C++ decoder stack (the default on CPU) the layers are one call, timed as a whole; run with
+PAGEDSERVE_DECODER_STACK=0 for the per-kernel split of the Python layer loop, or
+PAGEDSERVE_CPU_KERNELS=0 for the plain-PyTorch path.
 
     .venv/bin/python benchmarks/profile_step.py --batch 16 --context 200 --steps 30
 """
@@ -117,11 +119,18 @@ def main() -> None:
     n = args.steps
     forward = parts["forward"] + parts["lm_head"]
     kernels = sum(ops.values())
+    if engine.model.stack is not None:  # one C++ call runs every layer: the wrappers see no kernel inside it
+        forward_rows = [("embedding + decoder layers (C++ stack; PAGEDSERVE_DECODER_STACK=0 splits it by kernel)",
+                         parts["forward"]), ("LM head", parts["lm_head"])]
+    else:
+        forward_rows = [
+            ("matmuls (linear layers + LM head)", ops["matmul"]),
+            ("attention + KV write/gather", ops["attention+kv"]),
+            ("other kernels (norms, rotary, activations)", ops["other kernels"]),
+            ("Python overhead inside the forward", max(0.0, forward - kernels)),
+        ]
     rows = [
-        ("matmuls (linear layers + LM head)", ops["matmul"]),
-        ("attention + KV write/gather", ops["attention+kv"]),
-        ("other kernels (norms, rotary, activations)", ops["other kernels"]),
-        ("Python overhead inside the forward", max(0.0, forward - kernels)),
+        *forward_rows,
         ("input preparation (slots, block tables)", parts["prepare_inputs"]),
         ("scheduling", parts["schedule"]),
         ("sampling", parts["sampling"]),

@@ -18,7 +18,7 @@ from types import ModuleType
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "quant_linear.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "quant_linear.cpp", "decoder_stack.cpp")]
 _state: dict[str, ModuleType | None] = {}
 
 

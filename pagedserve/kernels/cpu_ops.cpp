@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_ops.h"
 #include "quant_linear.h"
 
 #include <sys/mman.h>
@@ -22,7 +23,7 @@
 #include <limits>
 #include <vector>
 
-namespace {
+namespace ps {  // named: decoder_stack.cpp calls these kernels directly (cpu_ops.h)
 
 constexpr int64_t kLanes = 16;  // independent partial sums: the compiler turns them into SIMD lanes
 
@@ -515,7 +516,9 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up) {
   return out;
 }
 
-}  // namespace
+}  // namespace ps
+
+using namespace ps;
 
 // Greedy decoding's argmax over each row of the logits [B, V] (float32, contiguous), as
 // torch.argmax: the first index of the maximum, and the first NaN wins if a row has one. One
@@ -563,6 +566,7 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_decoder_stack(m);
   m.def("advise_huge_pages", &advise_huge_pages);
   m.def("write_kv", &write_kv);
   m.def("paged_decode_attention", &paged_decode_attention);

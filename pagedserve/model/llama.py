@@ -6,8 +6,10 @@ only place where requests are told apart, through AttentionMetadata.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -86,8 +88,14 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+def decoder_stack_enabled() -> bool:
+    """PAGEDSERVE_DECODER_STACK=0 keeps the Python layer loop over the fused kernels (A/B runs, profiling)."""
+    return os.environ.get("PAGEDSERVE_DECODER_STACK", "1") != "0"
+
+
 class LlamaForCausalLM(nn.Module):
     fused: ModuleType | None = None
+    stack: Any = None  # the C++ DecoderStack when the fused CPU kernels apply
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -109,6 +117,10 @@ class LlamaForCausalLM(nn.Module):
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.embed_tokens(input_ids)
+        if self.stack is not None:  # the same kernels in the same order, called from C++
+            return self.stack.forward(x, positions, self.rotary.cos_cached, self.rotary.sin_cached, kv_caches,
+                                      meta.slot_mapping, meta.num_decode_tokens, meta.decode_block_tables,
+                                      meta.decode_context_lens, meta.prefill_info, meta.prefill_tables)
         rope = self.rotary.prepare(positions, x.dtype, self.fused)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -133,6 +145,18 @@ class LlamaForCausalLM(nn.Module):
                 module.fused = self.fused
             elif isinstance(module, LlamaAttention):
                 module.attention = self.attention_backend
+        self.stack = self._decoder_stack() if self.fused is not None and decoder_stack_enabled() else None
+
+    def _decoder_stack(self):
+        """The C++ DecoderStack over this model's weights (pagedserve/kernels/decoder_stack.cpp)."""
+        cfg, fused = self.config, self.fused
+        layers = [fused.FusedLayer(layer.input_layernorm.weight.detach(),
+                                   layer.post_attention_layernorm.weight.detach(),
+                                   layer.self_attn.qkv_proj.fused_linear, layer.self_attn.o_proj.fused_linear,
+                                   layer.mlp.gate_up_proj.fused_linear, layer.mlp.down_proj.fused_linear)
+                  for layer in self.layers]
+        return fused.DecoderStack(layers, self.norm.weight.detach(), cfg.num_attention_heads,
+                                  cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, cfg.head_dim ** -0.5)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Take HF-named tensors; q/k/v and gate/up are concatenated into the fused projections."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class Linear(nn.Linear):
     # stored this matrix quantized; kept until prepare_cpu_paths decides whether the kernel uses them.
     quant_raw: tuple[str, torch.Tensor] | None = None
     quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None = None
-    ops: ModuleType | None = None
+    fused_linear: Any = None  # the compiled kernels' FusedLinear over the same weights, when they are built
 
     def prepare_cpu_paths(self, ops: ModuleType | None) -> None:
         """Set up the fast path that applies to float32 weights on CPU: the quantized kernel when the
@@ -59,16 +60,17 @@ class Linear(nn.Linear):
                 and ops.quant_linear_simd() and out_features % 32 == 0 and in_features % 32 == 0):
             codes, scale, minimum = ops.quant_pack(raw[1], in_features, raw[0])
             self.quant = (codes, scale, minimum, raw[0])
-            self.ops = ops
         elif mkl_packing_available():
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_FOR_ROWS)
+        if ops is not None:  # the same choice of path, made in C++ (decoder_stack.cpp), fewer µs per call
+            self.fused_linear = ops.FusedLinear(
+                self.weight.detach(), None if self.bias is None else self.bias.detach(),
+                None if self.quant is None else list(self.quant[:3]), "" if self.quant is None else self.quant[3],
+                QUANT_MAX_ROWS, self.packed, PACKED_ROWS.start, PACKED_ROWS.stop - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            rows = x.shape[0]
-            if self.quant is not None and rows <= QUANT_MAX_ROWS:
-                out = self.ops.quant_linear(x, *self.quant)
-                return out if self.bias is None else out.add_(self.bias)
-            if self.packed is not None and rows in PACKED_ROWS:
-                return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, rows)
+        if self.fused_linear is not None:
+            return self.fused_linear(x)
+        if self.packed is not None and x.dim() == 2 and x.shape[0] in PACKED_ROWS:  # without the kernels
+            return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, x.shape[0])
         return F.linear(x, self.weight, self.bias)

@@ -1,0 +1,164 @@
+// The whole decoder stack of a Llama-family model in one C++ call per engine step.
+//
+// The Python forward calls ~10 kernels per layer through pybind11 and nn.Module, and on a 2-core CPU
+// that glue was 3.5–6 ms of a 17–40 ms decode step (benchmarks/profile_step.py). This runs the same
+// kernels in the same order on the same tensors, so its output is bit-identical to the Python path
+// (tests/test_decoder_stack.py checks that); only the interpreter between them is gone.
+//
+// FusedLinear is the linear layers' dispatch for float32 on the CPU, used by the Python Linear too,
+// so the rule exists once: the quantized kernel up to `quant_max_rows` rows when the checkpoint's
+// blocks are kept, else MKL's packed GEMM for rows in [packed_min_rows, packed_max_rows], else
+// at::linear.
+#include "cpu_ops.h"
+#include "quant_linear.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace {
+
+at::Tensor mkl_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, int64_t rows) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkl::_mkl_linear", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const std::optional<at::Tensor>&, int64_t)>();
+  return op.call(x, packed, weight, bias, rows);
+}
+
+class FusedLinear {
+ public:
+  FusedLinear(at::Tensor weight, std::optional<at::Tensor> bias, std::optional<std::vector<at::Tensor>> quant,
+              std::string format, int64_t quant_max_rows, std::optional<at::Tensor> packed, int64_t packed_min_rows,
+              int64_t packed_max_rows)
+      : weight_(std::move(weight)),
+        bias_(std::move(bias)),
+        format_(std::move(format)),
+        quant_max_rows_(quant_max_rows),
+        packed_(std::move(packed)),
+        packed_min_rows_(packed_min_rows),
+        packed_max_rows_(packed_max_rows) {
+    if (quant) {
+      TORCH_CHECK(quant->size() == 3, "quant must be (codes, d, m)");
+      codes_ = (*quant)[0];
+      d_ = (*quant)[1];
+      m_ = (*quant)[2];
+    }
+  }
+
+  at::Tensor forward(const at::Tensor& x) const {
+    if (x.dim() == 2) {
+      const int64_t rows = x.size(0);
+      if (codes_.defined() && rows <= quant_max_rows_) {
+        at::Tensor out = quant_linear(x, codes_, d_, m_, format_);
+        return bias_ ? out.add_(*bias_) : out;
+      }
+      if (packed_ && rows >= packed_min_rows_ && rows <= packed_max_rows_)
+        return mkl_linear(x, *packed_, weight_, bias_, rows);
+    }
+    return at::linear(x, weight_, bias_);
+  }
+
+ private:
+  at::Tensor weight_;
+  std::optional<at::Tensor> bias_;
+  at::Tensor codes_, d_, m_;
+  std::string format_;
+  int64_t quant_max_rows_;
+  std::optional<at::Tensor> packed_;
+  int64_t packed_min_rows_, packed_max_rows_;
+};
+
+struct FusedLayer {
+  at::Tensor input_norm, post_norm;  // RMSNorm weights
+  FusedLinear qkv, o, gate_up, down;
+};
+
+class DecoderStack {
+ public:
+  DecoderStack(std::vector<FusedLayer> layers, at::Tensor final_norm, int64_t heads, int64_t kv_heads,
+               int64_t head_dim, double eps, double scale)
+      : layers_(std::move(layers)),
+        final_norm_(std::move(final_norm)),
+        heads_(heads),
+        kv_heads_(kv_heads),
+        head_dim_(head_dim),
+        eps_(eps),
+        scale_(scale) {}
+
+  // x: the step's embeddings [T, hidden] (its storage becomes the residual stream). Returns the final
+  // norm's output [T, hidden]. Mirrors LlamaForCausalLM.forward with the fused CPU kernels, line by line.
+  at::Tensor forward(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                     const std::vector<std::tuple<at::Tensor, at::Tensor>>& kv_caches, const at::Tensor& slot_mapping,
+                     int64_t num_decode, const std::optional<at::Tensor>& decode_tables,
+                     const std::optional<at::Tensor>& decode_lens, const std::optional<at::Tensor>& prefill_info,
+                     const std::optional<at::Tensor>& prefill_tables) const {
+    TORCH_CHECK(kv_caches.size() == layers_.size(), "one (k, v) cache per layer");
+    TORCH_CHECK(num_decode == 0 || (decode_tables && decode_lens), "decode tokens need block tables and lengths");
+    const int64_t q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
+    const bool has_prefill = prefill_info.has_value() && prefill_info->size(0) > 0;
+    TORCH_CHECK(!has_prefill || prefill_tables, "prefill segments need their block tables");
+    at::Tensor residual;
+    for (size_t i = 0; i < layers_.size(); ++i) {
+      const FusedLayer& layer = layers_[i];
+      const auto& [k_cache, v_cache] = kv_caches[i];
+      if (!residual.defined()) {
+        residual = x;
+        x = ps::rms_norm(x, layer.input_norm, eps_);
+      } else {
+        ps::fused_add_rms_norm(x, residual, layer.input_norm, eps_);
+      }
+      at::Tensor qkv = layer.qkv.forward(x);
+      ps::rotary_inplace(qkv, positions, cos, sin, heads_ + kv_heads_, head_dim_);
+      const at::Tensor q = qkv.narrow(1, 0, q_size).view({-1, heads_, head_dim_});
+      const at::Tensor k = qkv.narrow(1, q_size, kv_size).view({-1, kv_heads_, head_dim_});
+      const at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({-1, kv_heads_, head_dim_});
+      ps::write_kv(k_cache, v_cache, k, v, slot_mapping);
+      at::Tensor out = at::empty(q.sizes(), q.options());
+      if (num_decode > 0)
+        ps::paged_decode_attention(out, q.narrow(0, 0, num_decode), k_cache, v_cache, *decode_tables, *decode_lens,
+                                   scale_);
+      if (has_prefill)
+        ps::paged_prefill_attention(out, q, k_cache, v_cache, *prefill_info, *prefill_tables, scale_);
+      x = layer.o.forward(out.view({-1, q_size}));
+      ps::fused_add_rms_norm(x, residual, layer.post_norm, eps_);
+      x = layer.down.forward(ps::silu_and_mul(layer.gate_up.forward(x)));
+    }
+    ps::fused_add_rms_norm(x, residual, final_norm_, eps_);
+    return x;
+  }
+
+ private:
+  std::vector<FusedLayer> layers_;
+  at::Tensor final_norm_;
+  int64_t heads_, kv_heads_, head_dim_;
+  double eps_, scale_;
+};
+
+}  // namespace
+
+void register_decoder_stack(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<FusedLinear>(m, "FusedLinear")
+      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<std::vector<at::Tensor>>, std::string,
+                    int64_t, std::optional<at::Tensor>, int64_t, int64_t>(),
+           py::arg("weight"), py::arg("bias"), py::arg("quant"), py::arg("format"), py::arg("quant_max_rows"),
+           py::arg("packed"), py::arg("packed_min_rows"), py::arg("packed_max_rows"))
+      .def("__call__", &FusedLinear::forward, py::call_guard<py::gil_scoped_release>());
+  py::class_<FusedLayer>(m, "FusedLayer")
+      .def(py::init<at::Tensor, at::Tensor, FusedLinear, FusedLinear, FusedLinear, FusedLinear>(),
+           py::arg("input_norm"), py::arg("post_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
+           py::arg("down"));
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<std::vector<FusedLayer>, at::Tensor, int64_t, int64_t, int64_t, double, double>(),
+           py::arg("layers"), py::arg("final_norm"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
+           py::arg("eps"), py::arg("scale"))
+      // Without the GIL: the server's event loop keeps answering while a step runs.
+      .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>());
+}
