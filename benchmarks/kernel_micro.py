@@ -1,15 +1,17 @@
 """Microbenchmarks of the fused CPU kernels on their own, with the shapes of SmolLM2-135M.
 
 attention: 30 layers of decode attention (paged_decode_attention), each layer with its own K/V cache
-as in the engine, every request at the same context length; blocks scattered at random over the
-cache (as after a long-running server's churn) or in order (as a fresh engine hands them out).
+as in the engine, every request at the same context length or (--spread) at lengths drawn evenly
+from 10% to 190% of it, longest first, as in a continuous batch (its running requests are listed
+oldest first, and the oldest have the longest contexts); blocks scattered at random over the cache
+(as after a long-running server's churn) or in order (as a fresh engine hands them out).
 matmul: all 121 quantized matrices of the default model (quant_linear: 30 layers x 4, plus the output
 projection) at a given row count, best of 5 passes.
 argmax: greedy argmax over a [batch, 49152] logits batch, the fused kernel against torch.argmax.
 prefill: the engine prefilling the 64 prompts of benchmarks/throughput.py (7,631 tokens, one output
 token each), three passes.
 
-    .venv/bin/python benchmarks/kernel_micro.py attention --batch 64 --context 200 [--in-order]
+    .venv/bin/python benchmarks/kernel_micro.py attention --batch 64 --context 200 [--in-order] [--spread]
     .venv/bin/python benchmarks/kernel_micro.py matmul --rows 1 16 64
     .venv/bin/python benchmarks/kernel_micro.py argmax --batch 64
     .venv/bin/python benchmarks/kernel_micro.py prefill
@@ -27,9 +29,12 @@ from pagedserve.kernels import cpu_ops
 LAYERS, KV_HEADS, GROUP, HEAD_DIM, BLOCK = 30, 3, 3, 64, 16  # SmolLM2-135M
 
 
-def bench_attention(batch: int, context: int, in_order: bool) -> None:
+def bench_attention(batch: int, context: int, in_order: bool, spread: bool) -> None:
     ops = cpu_ops()
-    per_request = -(-context // BLOCK)
+    gen = torch.Generator().manual_seed(0)
+    lens = (torch.randint(context // 10, 2 * context - context // 10 + 1, (batch,), generator=gen) if spread
+            else torch.full((batch,), context, dtype=torch.long)).sort(descending=True).values
+    per_request = -(-int(lens.max()) // BLOCK)
     num_blocks = batch * per_request + 64
 
     def cache(*shape: int) -> torch.Tensor:  # huge pages advised before the first touch, as the engine does
@@ -41,7 +46,6 @@ def bench_attention(batch: int, context: int, in_order: bool) -> None:
               for _ in range(LAYERS)]
     order = torch.arange(num_blocks) if in_order else torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0))
     tables = order[: batch * per_request].view(batch, per_request).contiguous()
-    lens = torch.full((batch,), context, dtype=torch.long)
     q = torch.randn(batch, KV_HEADS * GROUP, HEAD_DIM)
     out = torch.empty_like(q)
     for k, v in caches:  # warm-up
@@ -52,8 +56,9 @@ def bench_attention(batch: int, context: int, in_order: bool) -> None:
         for k, v in caches:
             ops.paged_decode_attention(out, q, k, v, tables, lens, HEAD_DIM ** -0.5)
     step = (time.perf_counter() - start) / passes
-    read = batch * context * KV_HEADS * HEAD_DIM * 4 * 2 * LAYERS
-    print(f"attention batch={batch} context={context} blocks {'in order' if in_order else 'scattered'}: "
+    read = int(lens.sum()) * KV_HEADS * HEAD_DIM * 4 * 2 * LAYERS
+    print(f"attention batch={batch} context={'~' if spread else ''}{context} "
+          f"blocks {'in order' if in_order else 'scattered'}: "
           f"{step * 1e3:.1f} ms per step of {LAYERS} layers, {read / step / 1e9:.1f} GB/s of K/V")
 
 
@@ -108,6 +113,7 @@ def main() -> None:
     att.add_argument("--batch", type=int, default=64)
     att.add_argument("--context", type=int, default=200)
     att.add_argument("--in-order", action="store_true", help="blocks in order instead of scattered")
+    att.add_argument("--spread", action="store_true", help="context lengths spread around --context")
     mm = sub.add_parser("matmul")
     mm.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     sub.add_parser("argmax").add_argument("--batch", type=int, default=64)
@@ -116,7 +122,7 @@ def main() -> None:
     if cpu_ops() is None:
         raise SystemExit("the fused CPU kernels are not available here")
     if args.what == "attention":
-        bench_attention(args.batch, args.context, args.in_order)
+        bench_attention(args.batch, args.context, args.in_order, args.spread)
     elif args.what == "matmul":
         bench_matmul(args.rows)
     elif args.what == "argmax":

@@ -238,6 +238,28 @@ void decode_item_generic(float* out, const float* qh, int64_t q_head_stride, con
   }
 }
 
+// Runs fn(begin, end) over [0, n) split into one contiguous run per thread of about equal total
+// cost(i). Attention items cost in proportion to their context, which varies 20x within a batch:
+// at::parallel_for's equal-count split left one core idle while the other read the long contexts.
+template <typename Cost, typename Fn>
+void parallel_by_cost(int64_t n, const Cost& cost, const Fn& fn) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) prefix[i + 1] = prefix[i] + cost(i);
+  std::vector<int64_t> bounds(threads + 1, n);
+  bounds[0] = 0;
+  for (int64_t t = 1; t < threads; ++t)  // first item whose run would pass t / threads of the total
+    bounds[t] = std::lower_bound(prefix.begin(), prefix.end(), prefix[n] * t / threads) - prefix.begin();
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t)
+      if (bounds[t] < bounds[t + 1]) fn(bounds[t], bounds[t + 1]);
+  });
+}
+
 // The attention kernels are compiled for block_size 16, head_dim 64 or 128 and 1–8 query heads per KV
 // head; Kernel<D, G>::fn is that shape's function. Any other shape gets nullptr (the generic loops).
 template <template <int64_t, int64_t> class Kernel, int64_t D, int64_t... G>
@@ -280,7 +302,7 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   const int64_t max_len = *std::max_element(lens, lens + B);
   const int64_t padded = (max_len + bs - 1) / bs * bs;
 
-  at::parallel_for(0, B * kvh, 1, [&](int64_t begin, int64_t end) {
+  parallel_by_cost(B * kvh, [&](int64_t w) { return lens[w / kvh] + bs; }, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * padded);
     auto first_k_blocks = [&](int64_t w, const float** blocks) {  // item w's first kAhead K blocks
       const int64_t b = w / kvh, h = w % kvh;
@@ -395,7 +417,12 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
       for (int64_t j = 0; j < n; j += tile) items.push_back({s, h, j});
   }
   const int64_t padded = (max_len + bs - 1) / bs * bs;
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+  auto tile_cost = [&](int64_t w) {  // query tokens x context they read
+    const Item it = items[w];
+    const int64_t n = info[it.seg * 3 + 1], ctx = info[it.seg * 3 + 2];
+    return std::min(tile, n - it.first) * (ctx - n + it.first + tile);
+  };
+  parallel_by_cost(static_cast<int64_t>(items.size()), tile_cost, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(tile * group * padded);
     for (int64_t w = begin; w < end; ++w) {
       const Item it = items[w];
