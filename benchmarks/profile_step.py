@@ -24,11 +24,12 @@ from torch.profiler import ProfilerActivity, profile
 
 import pagedserve.kernels
 from pagedserve import LLM, SamplingParams
+from pagedserve.model.layers.linear import Linear
 
 MATMUL = {"aten::mm", "aten::addmm", "mkl::_mkl_linear"}
 FUSED_ATTENTION = {"write_kv", "paged_decode_attention", "paged_prefill_attention"}
 FUSED_SAMPLING = {"argmax_rows"}  # called by the sampler: inside "sampling", not the forward
-FUSED_MATMUL = {"quant_linear"}
+FUSED_MATMUL = {"quant_linear", "FusedLinear"}  # FusedLinear: each linear layer's call into C++
 ATTENTION = {"aten::index_select", "aten::index_copy_", "aten::bmm", "aten::_softmax", "aten::masked_fill_",
              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::repeat_interleave"}
 
@@ -46,6 +47,17 @@ def _timed(obj, name: str, bucket: dict[str, float], key: str) -> None:
     setattr(obj, name, wrapper)
 
 
+def _timed_call(fn, seconds: dict[str, float], name: str):
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[name] += time.perf_counter() - t
+
+    return timed
+
+
 class _TimedKernels:
     """Stands in for the compiled kernel module; adds each call's wall time to `seconds[name]`."""
 
@@ -53,16 +65,7 @@ class _TimedKernels:
         self._module, self._seconds = module, seconds
 
     def __getattr__(self, name: str):
-        fn = getattr(self._module, name)
-
-        def timed(*args, **kwargs):
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._seconds[name] += time.perf_counter() - t
-
-        return timed
+        return _timed_call(getattr(self._module, name), self._seconds, name)
 
 
 def main() -> None:
@@ -77,6 +80,9 @@ def main() -> None:
         pagedserve.kernels._state["ops"] = _TimedKernels(kernels, fused_seconds)
     llm = LLM("smollm2-135m", max_num_seqs=args.batch)
     engine = llm.engine
+    for module in engine.model.modules():  # the layers' C++ calls, as the Python loop makes them
+        if isinstance(module, Linear) and module.fused_linear is not None:
+            module.fused_linear = _timed_call(module.fused_linear, fused_seconds, "FusedLinear")
     ids = corpus_token_ids(llm.get_tokenizer())
     params = SamplingParams(temperature=0, max_tokens=args.steps + 20, ignore_eos=True)
     for i in range(args.batch):
