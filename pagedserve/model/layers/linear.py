@@ -8,7 +8,8 @@ memory bandwidth. Two remedies, both float32 arithmetic on the same weight value
   Q8_0 embedding that is also the output projection), the fused CPU kernel expands the blocks in
   registers as it multiplies (pagedserve/kernels/quant_linear.cpp), reading a sixth (a quarter) of
   the bytes. Over SmolLM2's layer matrices against MKL's packed GEMM: 1 row 6.5 vs 19 ms, 16 rows 16
-  vs 30 ms, 48 rows 35 vs 42 ms, 128 rows 81 vs 86 ms. Such a layer keeps no packed copy.
+  vs 30 ms, 48 rows 35 vs 42 ms, 128 rows 81 vs 86 ms; against F.linear at 192 rows 148 vs 162 ms, 256
+  rows 194 vs 200, 384 rows 279 vs 268 (so it stops at 256). Such a layer keeps no packed copy.
 - Otherwise MKL's packed GEMM (the one PyTorch's inductor uses for frozen CPU graphs), faster than
   F.linear from 4 up to ~128 rows when packed for 64-row batches (16 rows 36 vs 51 ms, 64 rows 62 vs
   90 ms, 128 rows 112 vs 129 ms), at the cost of a second copy of the weight.
@@ -28,7 +29,7 @@ from torch import nn
 
 PACKED_ROWS = range(4, 129)
 PACK_FOR_ROWS = 64  # MKL's packing is tuned for one batch size; 64 serves 16–128 rows well
-QUANT_MAX_ROWS = 128  # measured no slower than MKL's packed GEMM up to here
+QUANT_MAX_ROWS = 256  # measured no slower than MKL (packed up to 128 rows, F.linear above) up to here
 
 
 def mkl_packing_available() -> bool:
