@@ -1,4 +1,6 @@
-"""Fused CPU kernels (cpu_ops.cpp), compiled on first use with the machine's own compiler.
+"""Fused CPU kernels, compiled on first use with the machine's own compiler into one extension:
+cpu_ops.cpp (attention, norms, rotary, SiLU, argmax), quant_linear.cpp (matmuls on GGUF blocks) and
+decoder_stack.cpp (a whole step's layers in one call, and the linear layers' path choice).
 
 The build takes ~25 s once per machine and is cached by torch under
 ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR). `-march=native` is safe because the build
