@@ -34,19 +34,6 @@ ATTENTION = {"aten::index_select", "aten::index_copy_", "aten::bmm", "aten::_sof
              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::index", "aten::repeat_interleave"}
 
 
-def _timed(obj, name: str, bucket: dict[str, float], key: str) -> None:
-    fn = getattr(obj, name)
-
-    def wrapper(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            bucket[key] += time.perf_counter() - t
-
-    setattr(obj, name, wrapper)
-
-
 def _timed_call(fn, seconds: dict[str, float], name: str):
     def timed(*args, **kwargs):
         t = time.perf_counter()
@@ -56,6 +43,10 @@ def _timed_call(fn, seconds: dict[str, float], name: str):
             seconds[name] += time.perf_counter() - t
 
     return timed
+
+
+def _timed(obj, name: str, bucket: dict[str, float], key: str) -> None:
+    setattr(obj, name, _timed_call(getattr(obj, name), bucket, key))
 
 
 class _TimedKernels:

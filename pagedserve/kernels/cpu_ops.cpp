@@ -277,6 +277,25 @@ auto pick_kernel(int64_t bs, int64_t d, int64_t group) -> decltype(Kernel<64, 1>
   return nullptr;
 }
 
+// What both attention entry points read from their operands, checked once: q [T, heads, head_dim]
+// (unit last stride), out contiguous like q, and the caches in write_kv's layout.
+struct AttentionOperands {
+  int64_t heads, d, kvh, num_blocks, bs, group;
+  const float *qp, *kc, *vc;
+  float* op;
+
+  AttentionOperands(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
+    check_f32(q, "q");
+    check_f32(k_cache, "k_cache");
+    TORCH_CHECK(out.is_contiguous() && q.stride(2) == 1, "out must be contiguous, q needs a unit last stride");
+    heads = q.size(1), d = q.size(2);
+    kvh = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(3);
+    group = heads / kvh;
+    qp = q.data_ptr<float>(), kc = k_cache.data_ptr<float>(), vc = v_cache.data_ptr<float>();
+    op = out.data_ptr<float>();
+  }
+};
+
 template <int64_t D, int64_t G>
 struct DecodeKernel {
   static constexpr auto fn = &decode_item_fast<D, G>;
@@ -285,18 +304,13 @@ struct DecodeKernel {
 void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                             const at::Tensor& v_cache, const at::Tensor& block_tables,
                             const at::Tensor& context_lens, double scale) {
-  check_f32(q, "q");
-  check_f32(k_cache, "k_cache");
-  TORCH_CHECK(out.is_contiguous() && q.stride(2) == 1, "out must be contiguous, q needs a unit last stride");
-  const int64_t B = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t kvh = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(3);
-  const int64_t group = heads / kvh, max_blocks = block_tables.size(1);
+  const AttentionOperands a(out, q, k_cache, v_cache);
+  const int64_t heads = a.heads, d = a.d, kvh = a.kvh, num_blocks = a.num_blocks, bs = a.bs, group = a.group;
+  const float *qp = a.qp, *kc = a.kc, *vc = a.vc;
+  float* op = a.op;
+  const int64_t B = q.size(0), max_blocks = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   const auto fast = pick_kernel<DecodeKernel>(bs, d, group);
   const int64_t max_len = *std::max_element(lens, lens + B);
@@ -390,53 +404,43 @@ struct PrefillKernel {
 void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& seg_info, const at::Tensor& seg_tables,
                              double scale) {
-  check_f32(q, "q");
-  check_f32(k_cache, "k_cache");
-  TORCH_CHECK(out.is_contiguous() && q.stride(2) == 1, "out must be contiguous, q needs a unit last stride");
+  const AttentionOperands a(out, q, k_cache, v_cache);
+  const int64_t heads = a.heads, d = a.d, kvh = a.kvh, num_blocks = a.num_blocks, bs = a.bs, group = a.group;
+  const float *qp = a.qp, *kc = a.kc, *vc = a.vc;
+  float* op = a.op;
   TORCH_CHECK(seg_info.is_contiguous() && seg_tables.is_contiguous() && seg_info.size(1) == 3, "bad segment tensors");
-  const int64_t heads = q.size(1), d = q.size(2);
-  const int64_t kvh = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(3);
-  const int64_t group = heads / kvh, max_blocks = seg_tables.size(1), S = seg_info.size(0);
+  const int64_t max_blocks = seg_tables.size(1), S = seg_info.size(0);
   const int64_t* info = seg_info.data_ptr<int64_t>();
   const int64_t* tables = seg_tables.data_ptr<int64_t>();
-  const float* kc = k_cache.data_ptr<float>();
-  const float* vc = v_cache.data_ptr<float>();
-  const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const float fscale = static_cast<float>(scale);
   const auto fast = pick_kernel<PrefillKernel>(bs, d, group);
   const int64_t tile = fast ? prefill_tokens_per_tile(group) : 1;
-  struct Item { int64_t seg, head, first; };  // first: the tile's first query token within the segment
+  // A tile: query tokens [row, row + nt) of segment seg, the first of which sees first_len tokens
+  // (the cached prefix, the tile's predecessors in the segment, and itself).
+  struct Item { int64_t seg, head, row, nt, first_len; };
   std::vector<Item> items;
   int64_t max_len = 1;
   for (int64_t s = 0; s < S; ++s) {
-    const int64_t n = info[s * 3 + 1], ctx = info[s * 3 + 2];
+    const int64_t row0 = info[s * 3], n = info[s * 3 + 1], ctx = info[s * 3 + 2];
     TORCH_CHECK(n >= 1 && ctx >= n && (ctx + bs - 1) / bs <= max_blocks, "segment ", s, " does not fit its table");
     max_len = std::max(max_len, ctx);
     for (int64_t h = 0; h < kvh; ++h)
-      for (int64_t j = 0; j < n; j += tile) items.push_back({s, h, j});
+      for (int64_t j = 0; j < n; j += tile) items.push_back({s, h, row0 + j, std::min(tile, n - j), ctx - n + j + 1});
   }
   const int64_t padded = (max_len + bs - 1) / bs * bs;
-  auto tile_cost = [&](int64_t w) {  // query tokens x context they read
-    const Item it = items[w];
-    const int64_t n = info[it.seg * 3 + 1], ctx = info[it.seg * 3 + 2];
-    return std::min(tile, n - it.first) * (ctx - n + it.first + tile);
-  };
+  auto tile_cost = [&](int64_t w) { return items[w].nt * (items[w].first_len + items[w].nt); };  // tokens x context
   parallel_by_cost(static_cast<int64_t>(items.size()), tile_cost, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(tile * group * padded);
     for (int64_t w = begin; w < end; ++w) {
       const Item it = items[w];
-      const int64_t row0 = info[it.seg * 3], n = info[it.seg * 3 + 1], ctx = info[it.seg * 3 + 2];
-      const int64_t first_len = ctx - n + it.first + 1;  // the tile's first token sees the prefix and itself
-      const int64_t nt = std::min(tile, n - it.first), row = row0 + it.first;
-      const float* qh = qp + row * q.stride(0) + it.head * group * q.stride(1);
-      float* o = op + (row * heads + it.head * group) * d;
+      const float* qh = qp + it.row * q.stride(0) + it.head * group * q.stride(1);
+      float* o = op + (it.row * heads + it.head * group) * d;
       const int64_t* table = tables + it.seg * max_blocks;
       if (fast) {
-        fast(o, heads * d, qh, q.stride(0), q.stride(1), kc, vc, table, first_len, nt, it.head * num_blocks, fscale,
-             scores.data());
+        fast(o, heads * d, qh, q.stride(0), q.stride(1), kc, vc, table, it.first_len, it.nt, it.head * num_blocks,
+             fscale, scores.data());
       } else {
-        decode_item_generic(o, qh, q.stride(1), kc, vc, table, first_len, it.head * num_blocks, fscale,
+        decode_item_generic(o, qh, q.stride(1), kc, vc, table, it.first_len, it.head * num_blocks, fscale,
                             scores.data(), d, bs, group);
       }
     }

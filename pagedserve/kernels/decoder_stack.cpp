@@ -34,22 +34,17 @@ at::Tensor mkl_linear(const at::Tensor& x, const at::Tensor& packed, const at::T
 
 class FusedLinear {
  public:
-  FusedLinear(at::Tensor weight, std::optional<at::Tensor> bias, std::optional<std::vector<at::Tensor>> quant,
-              std::string format, int64_t quant_max_rows, std::optional<at::Tensor> packed, int64_t packed_min_rows,
-              int64_t packed_max_rows)
+  using Quant = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string>;  // codes, d, m, format
+
+  FusedLinear(at::Tensor weight, std::optional<at::Tensor> bias, std::optional<Quant> quant, int64_t quant_max_rows,
+              std::optional<at::Tensor> packed, int64_t packed_min_rows, int64_t packed_max_rows)
       : weight_(std::move(weight)),
         bias_(std::move(bias)),
-        format_(std::move(format)),
         quant_max_rows_(quant_max_rows),
         packed_(std::move(packed)),
         packed_min_rows_(packed_min_rows),
         packed_max_rows_(packed_max_rows) {
-    if (quant) {
-      TORCH_CHECK(quant->size() == 3, "quant must be (codes, d, m)");
-      codes_ = (*quant)[0];
-      d_ = (*quant)[1];
-      m_ = (*quant)[2];
-    }
+    if (quant) std::tie(codes_, d_, m_, format_) = *quant;
   }
 
   at::Tensor forward(const at::Tensor& x) const {
@@ -146,10 +141,10 @@ class DecoderStack {
 void register_decoder_stack(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<FusedLinear>(m, "FusedLinear")
-      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<std::vector<at::Tensor>>, std::string,
-                    int64_t, std::optional<at::Tensor>, int64_t, int64_t>(),
-           py::arg("weight"), py::arg("bias"), py::arg("quant"), py::arg("format"), py::arg("quant_max_rows"),
-           py::arg("packed"), py::arg("packed_min_rows"), py::arg("packed_max_rows"))
+      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<FusedLinear::Quant>, int64_t,
+                    std::optional<at::Tensor>, int64_t, int64_t>(),
+           py::arg("weight"), py::arg("bias"), py::arg("quant"), py::arg("quant_max_rows"), py::arg("packed"),
+           py::arg("packed_min_rows"), py::arg("packed_max_rows"))
       .def("__call__", &FusedLinear::forward, py::call_guard<py::gil_scoped_release>());
   py::class_<FusedLayer>(m, "FusedLayer")
       .def(py::init<at::Tensor, at::Tensor, FusedLinear, FusedLinear, FusedLinear, FusedLinear>(),

@@ -65,8 +65,7 @@ class Linear(nn.Linear):
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), PACK_FOR_ROWS)
         if ops is not None:  # the same choice of path, made in C++ (decoder_stack.cpp), fewer µs per call
             self.fused_linear = ops.FusedLinear(
-                self.weight.detach(), None if self.bias is None else self.bias.detach(),
-                None if self.quant is None else list(self.quant[:3]), "" if self.quant is None else self.quant[3],
+                self.weight.detach(), None if self.bias is None else self.bias.detach(), self.quant,
                 QUANT_MAX_ROWS, self.packed, PACKED_ROWS.start, PACKED_ROWS.stop - 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
