@@ -2,6 +2,8 @@
 
 One fixed mixed-length workload (64 requests, prompts of 20–200 tokens, max_tokens 10–300, greedy,
 ignore_eos so every system makes the same tokens), same weights, same machine, one invocation.
+With both engine policies it also prints their decode cost per token and the most continuous batching
+could gain over static on this machine (pagedserve/bench/batch_gain.py).
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--max-num-seqs 16] [--systems continuous,static,hf]
                                               [--device cuda] [--timeline]
@@ -19,6 +21,7 @@ import torch
 from corpus import corpus_token_ids  # benchmarks/corpus.py (this folder is on sys.path)
 
 from pagedserve import LLM, SamplingParams
+from pagedserve.bench import batch_gain
 from pagedserve.model.loader import resolve_model_path
 
 
@@ -48,12 +51,12 @@ def print_timeline(records) -> None:
               f"{1000 * sum(durations) / len(durations):.1f} ms/step")
 
 
-def run_engine(policy: str, work, max_num_seqs: int, device: str, timeline: bool = False) -> dict:
+def run_engine(policy: str, work, max_num_seqs: int, device: str, timeline: bool = False) -> tuple[dict, list]:
     llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, device=device)
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    llm.engine.record_steps = timeline
+    llm.engine.record_steps = True
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - start
@@ -61,7 +64,8 @@ def run_engine(policy: str, work, max_num_seqs: int, device: str, timeline: bool
         print_timeline(llm.engine.step_records)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == sum(m for _, m in work)
-    return {"system": f"pagedserve-{policy}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}
+    decode = batch_gain.decode_steps(llm.engine.step_records, "num_seqs", "num_prefill_seqs")
+    return {"system": f"pagedserve-{policy}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}, decode
 
 
 def run_hf(work, batch_size: int, device: str) -> dict:
@@ -110,9 +114,12 @@ def main() -> None:
     print(f"workload: {len(work)} requests, {sum(len(p) for p, _ in work)} prompt tokens, "
           f"{sum(m for _, m in work)} output tokens; threads={torch.get_num_threads()}, device={args.device}")
     results = []
+    decode_steps = {}
     for system in args.systems.split(","):
-        r = (run_hf(work, args.hf_batch_size, args.device) if system == "hf"
-             else run_engine(system, work, args.max_num_seqs, args.device, args.timeline))
+        if system == "hf":
+            r = run_hf(work, args.hf_batch_size, args.device)
+        else:
+            r, decode_steps[system] = run_engine(system, work, args.max_num_seqs, args.device, args.timeline)
         print(f"{r['system']:>28}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_per_s']:.1f} tok/s")
         results.append(r)
     by = {r["system"].split("-")[-1] if r["system"].startswith("pagedserve") else "hf": r for r in results}
@@ -120,10 +127,16 @@ def main() -> None:
         for other in ("static", "hf"):
             if other in by:
                 print(f"continuous / {other}: {by['continuous']['tok_per_s'] / by[other]['tok_per_s']:.2f}x")
+    gain = None
+    if "static" in decode_steps and "continuous" in decode_steps:
+        gain = batch_gain.batching_gain(decode_steps["static"], decode_steps["continuous"], args.max_num_seqs)
+    if gain is not None:
+        print(batch_gain.one_line(gain.to_json()))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+            json.dump({"args": vars(args), "results": results,
+                       "batching_gain": gain.to_json() if gain else None}, f, indent=2)
 
 
 if __name__ == "__main__":

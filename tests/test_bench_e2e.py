@@ -32,6 +32,7 @@ def test_report_is_complete(bench_run):
         assert (bench_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (bench_run / "report.md").read_text()
     assert "## Headline" in md and "pagedserve-continuous vs pagedserve-static" in md
+    assert "## What batching can gain on this machine" in md
     for name in PLOT_FILES:
         assert f"({name})" in md
 
@@ -63,6 +64,13 @@ def test_every_system_measured_the_same_workload(bench_run):
     static = systems["pagedserve-static"]["run"]["steps"]
     assert any(s["kv_allocated_slots"] - s["kv_filled_slots"] >= 4 for s in static)
     assert results["headline"][0]["target"] == "pagedserve-continuous"
+    # Both policies' decode costs per token, from their own step logs.
+    gain = results["batching_gain"]
+    assert gain["seats"] == 3
+    for policy in ("static", "continuous"):
+        decode = [s for s in systems[f"pagedserve-{policy}"]["run"]["steps"] if not s["num_prefill"]]
+        ms = 1000 * sum(s["duration"] for s in decode) / sum(s["batch_size"] for s in decode)
+        assert gain[f"{policy}_ms_per_token"] == pytest.approx(ms)
 
 
 def test_merged_report_from_results(bench_run, tmp_path):

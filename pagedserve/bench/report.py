@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.bench import compare, metrics, plots
+from pagedserve.bench import batch_gain, compare, metrics, plots
 from pagedserve.bench.records import RunResult
 from pagedserve.bench.workloads import Workload, WorkloadRequest
 
@@ -164,6 +164,20 @@ METHOD = """\
   weights. The runs are sequential on one machine: compare ratios, not absolute numbers."""
 
 
+def policy_gain(runs: Sequence[RunResult]) -> batch_gain.BatchingGain | None:
+    """Continuous vs static decode costs, when both engine policies ran with the same seats."""
+    by_policy = {r.system.removeprefix("pagedserve-"): r for r in runs if r.kind == "engine"}
+    static, continuous = by_policy.get("static"), by_policy.get("continuous")
+    if static is None or continuous is None:
+        return None
+    seats = {r.config.get("engine", {}).get("scheduler", {}).get("max_num_seqs") for r in (static, continuous)}
+    if len(seats) != 1 or None in seats:
+        return None
+    return batch_gain.batching_gain(batch_gain.decode_steps(static.steps, "batch_size", "num_prefill"),
+                                    batch_gain.decode_steps(continuous.steps, "batch_size", "num_prefill"),
+                                    seats.pop())
+
+
 def write_markdown(path: Path, meta: dict, workload_desc: dict, summaries: list[dict], headlines: list[dict],
                    runs: Sequence[RunResult], plot_paths: Sequence[Path]) -> None:
     m = meta["machine"]
@@ -186,7 +200,10 @@ def write_markdown(path: Path, meta: dict, workload_desc: dict, summaries: list[
         slo = next(s["slo"] for s in summaries if "slo" in s)
         parts += ["## Goodput", "", f"SLO: TTFT ≤ {slo['ttft_s']} s, mean ITL ≤ {slo['itl_s']} s, "
                   f"E2E ≤ {slo['e2e_s']} s (None = unconstrained)", "", gp, ""]
-    parts += ["## Steps and KV cache", "", steps_table(summaries), "", "## Plots", ""]
+    parts += ["## Steps and KV cache", "", steps_table(summaries), ""]
+    if (gain := policy_gain(runs)) is not None:
+        parts += ["## What batching can gain on this machine", "", batch_gain.markdown(gain), ""]
+    parts += ["## Plots", ""]
     parts += [f"![{p.stem}]({p.name})" for p in plot_paths]
     parts += ["", "## Systems", ""]
     for run in runs:
@@ -213,6 +230,8 @@ def write_report(out_dir: str | Path, workload: Workload, runs: Sequence[RunResu
     results = {"meta": meta, "workload": {**desc, "requests": [r.to_json() for r in workload.requests]},
                "systems": [{"summary": s, "run": r.to_json()} for s, r in zip(summaries, runs, strict=True)],
                "headline": headlines}
+    if (gain := policy_gain(runs)) is not None:
+        results["batching_gain"] = gain.to_json()
     with open(out / "results.json", "w") as f:
         json.dump(_clean(results), f, indent=1)
     plot_paths = plots.write_all(runs, summaries, out)
@@ -257,6 +276,8 @@ def terminal_summary(results: dict, out_dir: str | Path) -> str:
         for r in h["rows"]:
             metric, t, b, change = _row_text(r)
             lines.append(f"  {metric:<40} {t:>14} vs {b:>14}   {change}")
+    if (gain := results.get("batching_gain")) is not None:
+        lines += ["", batch_gain.one_line(gain)]
     notes = list(results["meta"].get("notes", [])) + [
         f"{e['run']['system']}: {n}" for e in results["systems"] for n in e["run"].get("notes", [])]
     if notes:
