@@ -12,7 +12,9 @@ scheduler can gain much.
 - the ceiling: static's decode cost per token over the cost per token of a full decode step (every
   seat busy). No scheduler's decode beats full steps, and prefill is the same work under both
   policies, which can only pull the whole-run ratio towards 1; so continuous / static throughput is
-  at most this.
+  at most this. The full steps are pooled from both runs. Static's come at the start of its batches,
+  when contexts (and so K/V reads) are short, which makes the pooled figure cheap and the ceiling, if
+  anything, too high.
 - the same on a machine where a step costs as much at any batch size: seats / static's mean batch.
 - a least-squares fit of step time = fixed + per_sequence * batch, to say which part dominates.
 """

@@ -17,7 +17,7 @@ from pagedserve.bench import metrics
 from pagedserve.bench.records import RunResult
 
 PLOT_FILES = ("throughput.png", "latency_cdf.png", "ttft_over_time.png", "batch_size.png", "kv_blocks.png",
-              "fragmentation.png")
+              "fragmentation.png", "step_cost.png")
 
 
 def _figure(width: float = 10, height: float = 5) -> Figure:
@@ -172,6 +172,38 @@ def fragmentation(runs: Sequence[RunResult], summaries: Sequence[dict], path: Pa
     fig.savefig(path)
 
 
+def step_cost(runs: Sequence[RunResult], path: Path) -> None:
+    """Decode step time and cost per token by batch size: how much a full step saves on this machine."""
+    with_steps = _stepped(runs)
+    fig = _figure(13, 4.5)
+    if not with_steps:
+        _no_data(fig, _NO_STEP_DATA)
+        fig.savefig(path)
+        return
+    left, right = fig.subplots(1, 2)
+    for i, run in with_steps:
+        by_batch: dict[int, list[float]] = {}
+        for s in run.steps:
+            if s.batch_size > 0 and not s.num_prefill:
+                by_batch.setdefault(s.batch_size, []).append(s.duration)
+        sizes = sorted(by_batch)
+        ms = [1000 * metrics.mean(by_batch[b]) for b in sizes]
+        left.plot(sizes, ms, marker="o", markersize=3, color=_color(i), label=run.system)
+        right.plot(sizes, [m / b for m, b in zip(ms, sizes, strict=True)], marker="o", markersize=3,
+                   color=_color(i), label=run.system)
+    left.set_ylabel("ms per decode step (mean)")
+    left.set_title("Decode step time by batch size")
+    right.set_ylabel("ms per token")
+    right.set_title("Decode cost per token by batch size")
+    right.set_ylim(bottom=0)
+    for ax in (left, right):
+        ax.set_xlabel("sequences in the step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.savefig(path)
+
+
 def write_all(runs: Sequence[RunResult], summaries: Sequence[dict], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in PLOT_FILES]
@@ -181,4 +213,5 @@ def write_all(runs: Sequence[RunResult], summaries: Sequence[dict], out_dir: Pat
     batch_size(runs, paths[3])
     kv_blocks(runs, paths[4])
     fragmentation(runs, summaries, paths[5])
+    step_cost(runs, paths[6])
     return paths
