@@ -127,9 +127,8 @@ def main() -> None:
         for other in ("static", "hf"):
             if other in by:
                 print(f"continuous / {other}: {by['continuous']['tok_per_s'] / by[other]['tok_per_s']:.2f}x")
-    gain = None
-    if "static" in decode_steps and "continuous" in decode_steps:
-        gain = batch_gain.batching_gain(decode_steps["static"], decode_steps["continuous"], args.max_num_seqs)
+    gain = batch_gain.batching_gain(decode_steps.get("static", []), decode_steps.get("continuous", []),
+                                    args.max_num_seqs)
     if gain is not None:
         print(batch_gain.one_line(gain.to_json()))
     if args.json:

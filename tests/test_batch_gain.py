@@ -80,3 +80,7 @@ def test_one_batch_size_has_no_fit_but_still_a_ceiling():
     g = batching_gain(steps(16), steps(16), seats=16)
     assert g.ceiling == pytest.approx(1.0)
     assert "Too few batch sizes" in markdown(g)
+    # Nothing to measure a full step by, and no fit to stand in: the ceiling is unknown, not made up.
+    g = batching_gain(steps(8), steps(8), seats=16)
+    assert math.isnan(g.full_ms_per_token) and math.isnan(g.ceiling)
+    assert "nan" in one_line(g.to_json())

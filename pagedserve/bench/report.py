@@ -179,7 +179,8 @@ def policy_gain(runs: Sequence[RunResult]) -> batch_gain.BatchingGain | None:
 
 
 def write_markdown(path: Path, meta: dict, workload_desc: dict, summaries: list[dict], headlines: list[dict],
-                   runs: Sequence[RunResult], plot_paths: Sequence[Path]) -> None:
+                   runs: Sequence[RunResult], plot_paths: Sequence[Path],
+                   gain: batch_gain.BatchingGain | None = None) -> None:
     m = meta["machine"]
     parts = ["# pagedserve benchmark", "",
              f"`{meta['command']}`", "",
@@ -201,7 +202,7 @@ def write_markdown(path: Path, meta: dict, workload_desc: dict, summaries: list[
         parts += ["## Goodput", "", f"SLO: TTFT ≤ {slo['ttft_s']} s, mean ITL ≤ {slo['itl_s']} s, "
                   f"E2E ≤ {slo['e2e_s']} s (None = unconstrained)", "", gp, ""]
     parts += ["## Steps and KV cache", "", steps_table(summaries), ""]
-    if (gain := policy_gain(runs)) is not None:
+    if gain is not None:
         parts += ["## What batching can gain on this machine", "", batch_gain.markdown(gain), ""]
     parts += ["## Plots", ""]
     parts += [f"![{p.stem}]({p.name})" for p in plot_paths]
@@ -235,7 +236,7 @@ def write_report(out_dir: str | Path, workload: Workload, runs: Sequence[RunResu
     with open(out / "results.json", "w") as f:
         json.dump(_clean(results), f, indent=1)
     plot_paths = plots.write_all(runs, summaries, out)
-    write_markdown(out / "report.md", meta, desc, summaries, headlines, runs, plot_paths)
+    write_markdown(out / "report.md", meta, desc, summaries, headlines, runs, plot_paths, gain)
     return results
 
 
