@@ -109,3 +109,17 @@ def test_closed_loop_on_the_engine(tiny_llama_dir):
     assert all(r.ok and r.output_tokens == r.max_tokens for r in run.requests)
     assert max(s.batch_size for s in run.steps) <= 2  # never more than the loop's concurrency in flight
     assert all(r.arrival > 0 for r in run.requests[2:])  # later ones were released as slots freed
+
+
+def test_plots_without_per_step_data(tmp_path):
+    """A server measured over HTTP records no engine steps: the step plots say so instead of failing."""
+    from pagedserve.bench import metrics, plots
+    from pagedserve.bench.records import RequestRecord, RunResult
+
+    request = RequestRecord("r1", arrival=0.0, max_tokens=3, prompt_tokens=5, scheduled=0.1, first_token=0.2,
+                            token_times=[0.2, 0.3, 0.4], finish=0.4, output_tokens=3)
+    run = RunResult("some-server", "openai", {}, [request], steps=[], duration=1.0)
+    paths = plots.write_all([run], [metrics.summarize(run)], tmp_path)
+    assert [p.name for p in paths] == list(PLOT_FILES)
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -142,13 +142,20 @@ def kv_blocks(runs: Sequence[RunResult], path: Path) -> None:
     _per_system_panels(runs, path, 2.0, "KV cache: blocks in use vs reserved over time", _draw_kv_blocks)
 
 
-def fragmentation(runs: Sequence[RunResult], summaries: Sequence[dict], path: Path) -> None:
-    with_steps = _stepped(runs)
+def _two_panel_step_figure(runs: Sequence[RunResult], path: Path) -> Figure | None:
+    """A wide figure for per-step data, or None once a "no data" figure has been written to path."""
     fig = _figure(13, 4.5)
-    if not with_steps:
-        _no_data(fig, _NO_STEP_DATA)
-        fig.savefig(path)
+    if _stepped(runs):
+        return fig
+    _no_data(fig, _NO_STEP_DATA)
+    fig.savefig(path)
+    return None
+
+
+def fragmentation(runs: Sequence[RunResult], summaries: Sequence[dict], path: Path) -> None:
+    if (fig := _two_panel_step_figure(runs, path)) is None:
         return
+    with_steps = _stepped(runs)
     left, right = fig.subplots(1, 2, width_ratios=[2, 1])
     for i, run in with_steps:
         left.step([s.t for s in run.steps], [100 * s.waste for s in run.steps], where="post", color=_color(i),
@@ -174,14 +181,10 @@ def fragmentation(runs: Sequence[RunResult], summaries: Sequence[dict], path: Pa
 
 def step_cost(runs: Sequence[RunResult], path: Path) -> None:
     """Decode step time and cost per token by batch size: how much a full step saves on this machine."""
-    with_steps = _stepped(runs)
-    fig = _figure(13, 4.5)
-    if not with_steps:
-        _no_data(fig, _NO_STEP_DATA)
-        fig.savefig(path)
+    if (fig := _two_panel_step_figure(runs, path)) is None:
         return
     left, right = fig.subplots(1, 2)
-    for i, run in with_steps:
+    for i, run in _stepped(runs):
         by_batch: dict[int, list[float]] = {}
         for s in run.steps:
             if s.batch_size > 0 and not s.num_prefill:
