@@ -22,6 +22,7 @@ from corpus import corpus_token_ids  # benchmarks/corpus.py (this folder is on s
 
 from pagedserve import LLM, SamplingParams
 from pagedserve.bench import batch_gain
+from pagedserve.bench.runners.engine import step_sample
 from pagedserve.model.loader import resolve_model_path
 
 
@@ -64,7 +65,8 @@ def run_engine(policy: str, work, max_num_seqs: int, device: str, timeline: bool
         print_timeline(llm.engine.step_records)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == sum(m for _, m in work)
-    decode = batch_gain.decode_steps(llm.engine.step_records, "num_seqs", "num_prefill_seqs")
+    records = llm.engine.step_records
+    decode = batch_gain.decode_steps(step_sample(s, records[0].start) for s in records)
     return {"system": f"pagedserve-{policy}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}, decode
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +14,7 @@ from pagedserve.bench.batch_gain import (
     markdown,
     one_line,
 )
+from pagedserve.bench.records import StepSample
 
 
 def steps(*batches: int, fixed_ms: float = 10.0, per_seq_ms: float = 1.0) -> list[DecodeStep]:
@@ -62,10 +62,12 @@ def test_needs_both_policies():
 
 
 def test_decode_steps_drop_prefill_and_empty_steps():
-    log = [SimpleNamespace(num_seqs=3, num_prefill_seqs=1, duration=0.5),
-           SimpleNamespace(num_seqs=3, num_prefill_seqs=0, duration=0.02),
-           SimpleNamespace(num_seqs=0, num_prefill_seqs=0, duration=0.001)]
-    assert decode_steps(log, "num_seqs", "num_prefill_seqs") == [DecodeStep(3, 0.02)]
+    def sample(batch: int, prefill: int, duration: float) -> StepSample:
+        return StepSample(t=0.0, duration=duration, batch_size=batch, num_tokens=batch, num_prefill=prefill,
+                          kv_allocated_slots=0, kv_filled_slots=0, kv_capacity_slots=None, block_size=16)
+
+    log = [sample(3, 1, 0.5), sample(3, 0, 0.02), sample(0, 0, 0.001)]
+    assert decode_steps(log) == [DecodeStep(3, 0.02)]
 
 
 def test_texts_carry_the_figures():

@@ -25,6 +25,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
+from pagedserve.bench.records import StepSample
+
 
 @dataclass(frozen=True)
 class DecodeStep:
@@ -107,10 +109,9 @@ def batching_gain(static: Iterable[DecodeStep], continuous: Iterable[DecodeStep]
                         fixed_ms=fixed, per_sequence_ms=per_seq)
 
 
-def decode_steps(steps: Iterable, batch: str, prefill: str) -> list[DecodeStep]:
-    """The decode-only steps of a step log; `batch` and `prefill` name its records' fields."""
-    return [DecodeStep(getattr(s, batch), s.duration) for s in steps
-            if getattr(s, batch) > 0 and not getattr(s, prefill)]
+def decode_steps(steps: Iterable[StepSample]) -> list[DecodeStep]:
+    """The decode-only steps of a run's step log."""
+    return [DecodeStep(s.batch_size, s.duration) for s in steps if s.batch_size > 0 and not s.num_prefill]
 
 
 def markdown(g: BatchingGain) -> str:

@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from pagedserve.bench import metrics
+from pagedserve.bench import batch_gain, metrics
 from pagedserve.bench.records import RunResult
 
 PLOT_FILES = ("throughput.png", "latency_cdf.png", "ttft_over_time.png", "batch_size.png", "kv_blocks.png",
@@ -186,9 +186,8 @@ def step_cost(runs: Sequence[RunResult], path: Path) -> None:
     left, right = fig.subplots(1, 2)
     for i, run in _stepped(runs):
         by_batch: dict[int, list[float]] = {}
-        for s in run.steps:
-            if s.batch_size > 0 and not s.num_prefill:
-                by_batch.setdefault(s.batch_size, []).append(s.duration)
+        for s in batch_gain.decode_steps(run.steps):
+            by_batch.setdefault(s.batch, []).append(s.seconds)
         sizes = sorted(by_batch)
         ms = [1000 * metrics.mean(by_batch[b]) for b in sizes]
         left.plot(sizes, ms, marker="o", markersize=3, color=_color(i), label=run.system)

@@ -173,8 +173,7 @@ def policy_gain(runs: Sequence[RunResult]) -> batch_gain.BatchingGain | None:
     seats = {r.config.get("engine", {}).get("scheduler", {}).get("max_num_seqs") for r in (static, continuous)}
     if len(seats) != 1 or None in seats:
         return None
-    return batch_gain.batching_gain(batch_gain.decode_steps(static.steps, "batch_size", "num_prefill"),
-                                    batch_gain.decode_steps(continuous.steps, "batch_size", "num_prefill"),
+    return batch_gain.batching_gain(batch_gain.decode_steps(static.steps), batch_gain.decode_steps(continuous.steps),
                                     seats.pop())
 
 

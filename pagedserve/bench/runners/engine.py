@@ -42,7 +42,8 @@ def warm_up(engine: LLMEngine) -> None:
         engine.step()
 
 
-def _step_sample(rec, t0: float) -> StepSample:
+def step_sample(rec, t0: float) -> StepSample:
+    """One engine StepRecord as the bench records it, its time counted from t0."""
     kv = rec.kv
     return StepSample(t=rec.start - t0, duration=rec.duration, batch_size=rec.num_seqs, num_tokens=rec.num_tokens,
                       num_prefill=rec.num_prefill_seqs, kv_allocated_slots=kv.used_blocks * kv.block_size,
@@ -109,7 +110,7 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
     note = note_if_disturbed(machine)
     return RunResult(system=system, kind="engine", config=config,
                      requests=[records[r.request_id] for r in workload.requests if r.request_id in records],
-                     steps=[_step_sample(s, t0) for s in engine.step_records], duration=duration,
+                     steps=[step_sample(s, t0) for s in engine.step_records], duration=duration,
                      started_unix=started_unix, notes=[note] if note else [])
 
 
