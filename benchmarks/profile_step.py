@@ -1,8 +1,9 @@
 """Where one engine step's time goes, in steady-state decode at a given batch size.
 
 Wall time per step is split into: scheduling (Scheduler.schedule), input preparation
-(ModelRunner.prepare_inputs), the model forward, the LM head, sampling, and the rest of the engine's
-bookkeeping (token append, stop checks, detokenization). Inside the forward, torch.profiler's per-op
+(ModelRunner.prepare_inputs), the model forward, the LM head, sampling, the scheduler's update
+(Scheduler.update_from_output: token append, stop checks on ids, freeing blocks), the front end's
+output processing (detokenization, stop strings, RequestOutputs) and what is left. Inside the forward, torch.profiler's per-op
 self time is grouped into matmuls, attention + KV gather/write, and other kernels. The fused CPU
 kernels (pagedserve/kernels) are not ATen ops, so the profiler does not see them: each call is timed
 by a thin wrapper instead and added to its group. What is left is Python overhead between kernels.
@@ -73,7 +74,7 @@ def main() -> None:
     engine = llm.engine
     for module in engine.model.modules():  # the layers' C++ calls, as the Python loop makes them
         if isinstance(module, Linear) and module.fused_linear is not None:
-            module.fused_linear = _timed_call(module.fused_linear, fused_seconds, "FusedLinear")
+            module.quant_method.fused = _timed_call(module.fused_linear, fused_seconds, "FusedLinear")
     ids = corpus_token_ids(llm.get_tokenizer())
     params = SamplingParams(temperature=0, max_tokens=args.steps + 20, ignore_eos=True)
     for i in range(args.batch):
@@ -89,7 +90,9 @@ def main() -> None:
     _timed(engine.runner, "prepare_inputs", parts, "prepare_inputs")
     _timed(engine.model, "forward", parts, "forward")
     _timed(engine.model, "compute_logits", parts, "lm_head")
-    _timed(engine, "sampler", parts, "sampling")
+    _timed(engine.runner.sampler, "sample", parts, "sampling")
+    _timed(engine.scheduler, "update_from_output", parts, "update")
+    _timed(engine.output_processor, "process_outputs", parts, "output")
     fused_seconds.clear()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -131,8 +134,10 @@ def main() -> None:
         ("input preparation (slots, block tables)", parts["prepare_inputs"]),
         ("scheduling", parts["schedule"]),
         ("sampling", parts["sampling"]),
-        ("engine bookkeeping (append, stops, detokenize)",
-         wall - forward - parts["prepare_inputs"] - parts["schedule"] - parts["sampling"]),
+        ("scheduler update (append, stop checks, free blocks)", parts["update"]),
+        ("output processing (detokenize, stop strings, outputs)", parts["output"]),
+        ("the rest", wall - forward - sum(parts[k] for k in ("prepare_inputs", "schedule", "sampling", "update",
+                                                              "output"))),
     ]
     print(f"batch={args.batch} context~{args.context}: {plain_step * 1000:.1f} ms/step unprofiled = "
           f"{args.batch / plain_step:.0f} tok/s; profiled {wall / n * 1000:.1f} ms/step")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -15,14 +16,25 @@ def _require(ok: bool, field_name: str, allowed: str, value: object) -> None:
         raise ValueError(f"{field_name} must be {allowed}, got {value!r}")
 
 
+def env_flag(name: str, default: bool = True) -> bool:
+    """A boolean switch's default from the environment ("0" turns it off), read when a config is made."""
+    value = os.environ.get(name)
+    return default if value is None else value != "0"
+
+
+def option(help: str, **kwargs: object) -> dict[str, object]:
+    """Field metadata the CLI reads: its help text (and choices); one declaration for both."""
+    return {"help": help, **kwargs}
+
+
 @dataclass
 class CacheConfig:
     """Paged KV cache: fixed-size blocks pre-allocated from a memory budget."""
 
-    block_size: int = 16
-    kv_cache_memory_gb: float = 1.0
+    block_size: int = field(default=16, metadata=option("tokens per KV block"))
+    kv_cache_memory_gb: float = field(default=1.0, metadata=option("memory for the KV cache, GiB"))
     # Overrides the memory budget with an exact block count (tests use it to force preemption).
-    num_blocks: int | None = None
+    num_blocks: int | None = field(default=None, metadata=option("exact KV block count (overrides the budget)"))
 
     def __post_init__(self) -> None:
         _require(isinstance(self.block_size, int) and 1 <= self.block_size <= 256,
@@ -35,10 +47,10 @@ class CacheConfig:
 class SchedulerConfig:
     """Iteration-level scheduling limits and the batching policy."""
 
-    policy: str = "continuous"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
+    policy: str = field(default="continuous", metadata=option("batching policy", choices=POLICIES))
+    max_num_seqs: int = field(default=64, metadata=option("sequences in the running batch at most"))
+    max_num_batched_tokens: int = field(default=2048, metadata=option("tokens per step at most"))
+    enable_chunked_prefill: bool = field(default=True, metadata=option("split long prompts over steps"))
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
@@ -51,11 +63,19 @@ class EngineConfig:
     """Everything the engine needs; the model is a name, an HF folder or a GGUF file."""
 
     model: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "cpu"
-    max_model_len: int | None = None
-    seed: int = 0
-    num_threads: int | None = None
+    dtype: str = field(default="float32", metadata=option("weights and activations", choices=tuple(_DTYPES)))
+    device: str = field(default="cpu", metadata=option("cpu or cuda[:N]"))
+    max_model_len: int | None = field(default=None, metadata=option("context length (default: the model's)"))
+    # Not a flag: --seed is the sampling seed of `generate` and `chat`.
+    seed: int = field(default=0, metadata=option("global seed (unseeded requests draw from it)", cli=False))
+    num_threads: int | None = field(default=None, metadata=option("PyTorch intra-op threads"))
+    # Fast-path switches, for A/B runs and profiling; the environment sets their defaults.
+    cpu_kernels: bool = field(default_factory=lambda: env_flag("PAGEDSERVE_CPU_KERNELS"), metadata=option(
+        "fused CPU kernels in float32 on CPU (default: $PAGEDSERVE_CPU_KERNELS != 0)"))
+    decoder_stack: bool = field(default_factory=lambda: env_flag("PAGEDSERVE_DECODER_STACK"), metadata=option(
+        "run every layer of a step in one C++ call (default: $PAGEDSERVE_DECODER_STACK != 0)"))
+    quantized_matmul: bool = field(default_factory=lambda: env_flag("PAGEDSERVE_QUANT_MATMUL"), metadata=option(
+        "read a GGUF's Q4_1/Q8_0 blocks directly in small matmuls (default: $PAGEDSERVE_QUANT_MATMUL != 0)"))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

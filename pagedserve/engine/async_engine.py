@@ -1,4 +1,8 @@
-"""AsyncLLMEngine: one thread runs engine steps while requests arrive; each request gets an async stream.
+"""AsyncLLMEngine: the EngineClient of an in-process engine. One thread runs engine steps while
+requests arrive; each request gets an async stream.
+
+Input is validated and tokenized on the event loop with the client's own input processor (its own
+tokenizer copy), so a refused request never reaches the engine thread and the thread gets token ids.
 
 The LLMEngine is touched only by its own thread. The event loop hands it work (add / abort) through
 a command list guarded by a Condition, on which the thread sleeps when it has nothing to do (no
@@ -15,6 +19,7 @@ one pool.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import threading
 import time
@@ -22,7 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from pagedserve.engine.llm_engine import LLMEngine, PromptType
+from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_manager import BlockInfo
+from pagedserve.engine.input_processor import EngineInput, InputProcessor, PromptType
+from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.protocol import EngineClient, EngineStats, ModelInfo, StepHook
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -30,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Called on the engine thread after every loop iteration (metrics read the engine's state here).
-StepHook = Callable[[LLMEngine, list[RequestOutput]], None]
 
 
 class EngineDeadError(RuntimeError):
@@ -55,6 +62,7 @@ class RequestStream:
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
         self._queue: asyncio.Queue[RequestOutput | BaseException | object] = asyncio.Queue()
+        self._held: BaseException | None = None  # an error that came after outputs not yet read
         self.finished = False
 
     def put(self, item: RequestOutput | BaseException) -> None:
@@ -71,16 +79,20 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        if self._held is not None:
+            item, self._held = self._held, None
+        else:
+            item = await self._queue.get()
         if item is _CLOSED or self.finished:
             raise StopAsyncIteration
-        # A client that reads slower than the engine steps gets what piled up as one output.
+        # A client that reads slower than the engine steps gets what piled up as one output; an error
+        # behind it comes on the next read, so the tokens made before it still reach the client.
         while isinstance(item, RequestOutput) and not item.finished and not self._queue.empty():
             nxt = self._queue.get_nowait()
             if nxt is _CLOSED:
                 raise StopAsyncIteration
             if isinstance(nxt, BaseException):
-                item = nxt
+                self._held = nxt
                 break
             item = merge_outputs(item, nxt)
         if isinstance(item, BaseException):
@@ -106,10 +118,7 @@ def merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
 
 @dataclass
 class _Add:
-    request_id: str
-    prompt: PromptType
-    params: SamplingParams
-    arrival_time: float
+    request: EngineInput
     future: asyncio.Future[None]
 
 
@@ -124,13 +133,26 @@ class _Call:
     future: asyncio.Future[object]
 
 
-class AsyncLLMEngine:
+def _tokenizer_copy(tokenizer):
+    """The event loop tokenizes while the engine thread decodes: give it its own."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # a tokenizer that cannot be copied is shared (HF fast tokenizers are read-only here)
+        return tokenizer
+
+
+class AsyncLLMEngine(EngineClient):
     """Runs `engine` on a background thread. Every public method is called from the event loop."""
 
-    def __init__(self, engine: LLMEngine, max_in_flight: int = 1024, on_step: StepHook | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_in_flight: int = 1024, on_step: StepHook | None = None,
+                 served_model_name: str | None = None) -> None:
         self.engine = engine
         self.max_in_flight = max_in_flight
         self.on_step = on_step
+        ip = engine.input_processor
+        self._input_processor = InputProcessor(_tokenizer_copy(ip.tokenizer), ip.vocab_size, ip.max_model_len,
+                                               ip.capacity_tokens, ip.eos_token_id, ip.model_name)
+        self._model_info = engine.model_info(served_model_name)
         self._cond = threading.Condition()
         self._commands: list[_Add | _Abort | _Call] = []  # guarded by _cond
         self._stopping = False
@@ -223,6 +245,26 @@ class AsyncLLMEngine:
             return "the server is shutting down"
         return None
 
+    # --- EngineClient ---------------------------------------------------------------------------
+
+    @property
+    def input_processor(self) -> InputProcessor:
+        return self._input_processor
+
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    async def stats(self) -> EngineStats:
+        return await self.call(lambda e: e.stats())
+
+    async def kv_snapshot(self) -> list[BlockInfo]:
+        return await self.call(lambda e: e.kv_snapshot())
+
+    def initial_stats(self) -> EngineStats:
+        """Figures before the loop starts (read on the caller's thread: nothing runs yet)."""
+        assert self._thread is None, "the loop runs: use `await stats()`"
+        return self.engine.stats()
+
     @property
     def is_running(self) -> bool:
         """True while the loop thread is alive and accepting work (what /health reports)."""
@@ -237,12 +279,13 @@ class AsyncLLMEngine:
 
     # --- requests (event loop) ----------------------------------------------------------------
 
-    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams,
-                          arrival_time: float | None = None) -> RequestStream:
-        """Queue a request and wait until the engine accepted it.
+    async def add_request(self, request_id: str, prompt: PromptType | EngineInput,
+                          params: SamplingParams | None = None, arrival_time: float | None = None) -> RequestStream:
+        """Queue a request and wait until the engine accepted it. `prompt` may be an EngineInput the
+        caller validated with `input_processor` (then `params` and `arrival_time` are its own).
 
-        Raises EngineOverloadedError beyond the admission bound, ValueError when the engine refuses
-        the request, EngineDeadError when the loop is not running.
+        Raises EngineOverloadedError beyond the admission bound, ValueError when the input is refused,
+        EngineDeadError when the loop is not running.
         """
         if not self.is_running:
             raise EngineDeadError(self.unavailable_reason) from self.dead_error
@@ -251,11 +294,17 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use")
         assert self._loop is not None
+        if isinstance(prompt, EngineInput):
+            request = prompt
+            if request.request_id != request_id:
+                raise ValueError(f"request_id {request_id!r} differs from the input's {request.request_id!r}")
+        else:
+            arrival = time.monotonic() if arrival_time is None else arrival_time
+            request = self._input_processor.process(request_id, prompt, params, arrival)
         stream = RequestStream(request_id)
         self._streams[request_id] = stream
         future: asyncio.Future[None] = self._loop.create_future()
-        arrival = time.monotonic() if arrival_time is None else arrival_time
-        self._submit(_Add(request_id, prompt, params, arrival, future))
+        self._submit(_Add(request, future))
         try:
             await future
         except asyncio.CancelledError:
@@ -350,7 +399,7 @@ class AsyncLLMEngine:
         outputs = self._step() if self.engine.has_unfinished_requests() else []
         if self.on_step is not None:  # before delivery: a client never sees metrics older than its reply
             try:
-                self.on_step(self.engine, outputs)
+                self.on_step(self.engine.stats(), outputs)
             except Exception:  # a metrics bug must not take the engine down
                 logger.exception("on_step hook failed")
         if outputs:
@@ -371,8 +420,8 @@ class AsyncLLMEngine:
             return
         error: BaseException | None = None
         try:
-            self.engine.add_request(command.request_id, command.prompt, command.params, command.arrival_time)
-            self._active.add(command.request_id)
+            self.engine.add_processed(command.request)
+            self._active.add(command.request.request_id)
         except Exception as e:  # refused before it touched the engine's state
             error = e
         self._post(self._resolve, command.future, error)
@@ -397,3 +446,20 @@ class AsyncLLMEngine:
             if out.finished:
                 self._active.discard(out.request_id)
         return outputs
+
+
+EngineSource = EngineConfig | LLMEngine | Callable[[], LLMEngine]
+
+
+def make_engine_client(engine: EngineClient | EngineSource, served_model_name: str | None = None) -> EngineClient:
+    """An EngineClient as given, or the in-process one around an LLMEngine, or around one built from
+    a config or a factory — then on the thread that will step it, which keeps PyTorch to one OpenMP
+    pool (see AsyncLLMEngine.build): the fast way to serve."""
+    if isinstance(engine, EngineClient):
+        return engine
+    if isinstance(engine, LLMEngine):
+        return AsyncLLMEngine(engine, served_model_name=served_model_name)
+    if isinstance(engine, EngineConfig):
+        config = engine
+        return AsyncLLMEngine.build(lambda: LLMEngine(config), served_model_name=served_model_name)
+    return AsyncLLMEngine.build(engine, served_model_name=served_model_name)

@@ -3,31 +3,46 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import sys
 import time
 
-from pagedserve.config import POLICIES
+from pagedserve.config import CacheConfig, EngineConfig, SchedulerConfig
+
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def engine_option_fields() -> list[dataclasses.Field]:
+    """Every engine option a user sets: EngineConfig's own fields and its cache and scheduler configs'."""
+    own = [f for f in dataclasses.fields(EngineConfig) if f.name not in ("model", "cache", "scheduler")]
+    every = own + list(dataclasses.fields(CacheConfig)) + list(dataclasses.fields(SchedulerConfig))
+    return [f for f in every if f.metadata.get("cli", True)]
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """One flag per config field, generated from the dataclasses (their type, default and help). Unset
+    flags stay out of the namespace, so the config's own default (an env var's, say) applies."""
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2-135m", help="known name, GGUF file or HF folder")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
-    g.add_argument("--num-blocks", type=int, default=None, help="exact KV block count (overrides the budget)")
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--max-num-seqs", type=int, default=64)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    g.add_argument("--policy", default="continuous", choices=POLICIES)
-    g.add_argument("--num-threads", type=int, default=None)
+    for f in engine_option_fields():
+        flag = "--" + f.name.replace("_", "-")
+        meta = f.metadata
+        assert "help" in meta, f"config field {f.name} has no help text"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        shown = "" if default is None else f" (default: {default})"
+        kind = str(f.type).replace(" | None", "")
+        if kind == "bool":
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{meta.get('help', '')}{shown}")
+        else:
+            g.add_argument(flag, type=_TYPES[kind], default=argparse.SUPPRESS, choices=meta.get("choices"),
+                           help=f"{meta.get('help', '')}{shown}")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    keys = ["dtype", "device", "max_model_len", "kv_cache_memory_gb", "num_blocks", "block_size",
-            "max_num_seqs", "max_num_batched_tokens", "policy", "num_threads"]
-    return {k: getattr(args, k) for k in keys}
+    """The engine options the command line set (for EngineConfig.from_kwargs / LLM)."""
+    return {f.name: getattr(args, f.name) for f in engine_option_fields() if hasattr(args, f.name)}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -129,17 +144,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Subcommands living in their own modules (serve, bench) add themselves through `register`."""
-    registers = []
-    for module in ("pagedserve.entrypoints.openai.cli", "pagedserve.bench.cli"):
-        try:
-            mod = __import__(module, fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):
-                continue  # not built yet
-            raise
-        registers.append(mod.register)
+    """Subcommands living in their own modules add themselves through `register`: serve, and bench when
+    its extra (`pip install pagedserve[bench]`: plots) is installed."""
+    from pagedserve.entrypoints.openai.cli import register as register_serve
+
+    registers = [register_serve]
+    if importlib.util.find_spec("matplotlib") is not None:
+        from pagedserve.bench.cli import register as register_bench
+
+        registers.append(register_bench)
+    else:
+        registers.append(_register_bench_hint)
     return registers
+
+
+def _register_bench_hint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks (needs: pip install 'pagedserve[bench]')", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _missing_extra("bench"))
+
+
+def _missing_extra(name: str) -> int:
+    print(f"error: `pagedserve {name}` needs the {name} extra: pip install 'pagedserve[{name}]'", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,15 +55,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        tok = self.engine.tokenizer
-        if not conversation:
-            raise ValueError("messages must be a non-empty list")
-        if not tok.chat_template:
-            raise ValueError(f"model {self.engine.config.model!r} has no chat template")
-        ids = tok.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
+        return self.engine.input_processor.apply_chat_template(conversation, add_generation_prompt)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

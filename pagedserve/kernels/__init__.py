@@ -6,7 +6,8 @@ The build takes ~25 s once per machine and is cached by torch under
 ~/.cache/torch_extensions (or $TORCH_EXTENSIONS_DIR). `-march=native` is safe because the build
 happens on the machine that runs it; the CPU's feature flags are part of the build's identity so a
 shared cache never hands one CPU another's binary. Without a compiler, or with
-PAGEDSERVE_CPU_KERNELS=0, the engine keeps the plain-PyTorch path (same results, slower).
+EngineConfig.cpu_kernels off (PAGEDSERVE_CPU_KERNELS=0), the engine keeps the plain-PyTorch path
+(same results, slower).
 """
 
 from __future__ import annotations
@@ -33,22 +34,21 @@ def _cpu_signature() -> str:
 
 
 def cpu_ops() -> ModuleType | None:
-    """The compiled module, or None when disabled or when the build failed (logged once)."""
+    """The compiled module, or None when the build failed (logged once)."""
     if "ops" in _state:
         return _state["ops"]
     ops = None
-    if os.environ.get("PAGEDSERVE_CPU_KERNELS", "1") != "0":
-        # torch's builder calls `ninja`; the venv's copy is on PATH only when the venv is activated.
-        bin_dir = str(Path(sys.executable).parent)
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-        try:
-            from torch.utils.cpp_extension import load
+    # torch's builder calls `ninja`; the venv's copy is on PATH only when the venv is activated.
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    try:
+        from torch.utils.cpp_extension import load
 
-            ops = load(name="pagedserve_cpu_ops", sources=[str(p) for p in _SOURCES],
-                       extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
-                                     f"-DPAGEDSERVE_CPU_SIGNATURE={_cpu_signature()}"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as exc:  # no compiler, no headers, ...: fall back, but say why
-            logger.warning("pagedserve CPU kernels unavailable, using the PyTorch path: %s", exc)
+        ops = load(name="pagedserve_cpu_ops", sources=[str(p) for p in _SOURCES],
+                   extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
+                                 f"-DPAGEDSERVE_CPU_SIGNATURE={_cpu_signature()}"],
+                   extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as exc:  # no compiler, no headers, ...: fall back, but say why
+        logger.warning("pagedserve CPU kernels unavailable, using the PyTorch path: %s", exc)
     _state["ops"] = ops
     return ops

@@ -6,7 +6,6 @@ only place where requests are told apart, through AttentionMetadata.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
@@ -15,9 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.attention.cpu_paged import CpuPagedAttention
-from pagedserve.attention.metadata import AttentionMetadata
-from pagedserve.attention.torch_paged import TorchPagedAttention
+from pagedserve.attention.backends import AttentionBackend, TorchPagedAttention, select_attention_backend
 from pagedserve.kernels import cpu_ops
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers.linear import Linear
@@ -37,10 +34,10 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = self.head_dim ** -0.5
-        self.attention: TorchPagedAttention | CpuPagedAttention = TorchPagedAttention()
+        self.attention: AttentionBackend = TorchPagedAttention()
 
     def forward(self, x: torch.Tensor, rope: RopeInputs, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: Any) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         # q and k sit side by side in qkv: rotate them in one go, in place (fewer kernels per layer).
         rope.rotate_(qkv, self.num_heads + self.num_kv_heads, self.head_dim)
@@ -77,7 +74,7 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: RopeInputs,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: Any):
         """(hidden, residual) in and out: each residual add is fused into the norm that follows it."""
         if residual is None:
             x, residual = self.input_layernorm(x), x
@@ -88,11 +85,6 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-def decoder_stack_enabled() -> bool:
-    """PAGEDSERVE_DECODER_STACK=0 keeps the Python layer loop over the fused kernels (A/B runs, profiling)."""
-    return os.environ.get("PAGEDSERVE_DECODER_STACK", "1") != "0"
-
-
 class LlamaForCausalLM(nn.Module):
     fused: ModuleType | None = None
     stack: Any = None  # the C++ DecoderStack when the fused CPU kernels apply
@@ -100,7 +92,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.attention_backend: TorchPagedAttention | CpuPagedAttention = TorchPagedAttention()
+        self.attention_backend: AttentionBackend = TorchPagedAttention()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -114,13 +106,12 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [T, hidden] after the final norm."""
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: Any) -> torch.Tensor:
+        """Hidden states [T, hidden] after the final norm. `meta` is the attention backend's own."""
         x = self.embed_tokens(input_ids)
         if self.stack is not None:  # the same kernels in the same order, called from C++
             return self.stack.forward(x, positions, self.rotary.cos_cached, self.rotary.sin_cached, kv_caches,
-                                      meta.slot_mapping, meta.num_decode_tokens, meta.decode_block_tables,
-                                      meta.decode_context_lens, meta.prefill_info, meta.prefill_tables)
+                                      *meta.stack_args())
         rope = self.rotary.prepare(positions, x.dtype, self.fused)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
@@ -131,21 +122,28 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_projection(hidden).float()
 
-    def prepare_for_inference(self) -> None:
-        """After the weights are final (loaded, cast, moved): switch to the fused CPU kernels where
-        they apply (float32 on CPU, and they built) and set up the linear layers' CPU fast paths."""
+    def prepare_for_inference(self, cpu_kernels: bool = True, decoder_stack: bool = True,
+                              quantized_matmul: bool = True) -> None:
+        """After the weights are final (loaded, cast, moved): the fused CPU kernels where they apply
+        (float32 on CPU, enabled, and they built), each linear layer's method, the attention backend,
+        and the C++ decoder stack over all of it (EngineConfig has the three switches)."""
         weight = self.embed_tokens.weight
-        self.fused = cpu_ops() if weight.device.type == "cpu" and weight.dtype == torch.float32 else None
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.prepare_cpu_paths(self.fused)
-        self.attention_backend = TorchPagedAttention() if self.fused is None else CpuPagedAttention(self.fused)
-        for module in self.modules():
-            if isinstance(module, (RMSNorm, LlamaMLP)):
-                module.fused = self.fused
-            elif isinstance(module, LlamaAttention):
-                module.attention = self.attention_backend
-        self.stack = self._decoder_stack() if self.fused is not None and decoder_stack_enabled() else None
+        on_cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.fused = cpu_ops() if on_cpu_fp32 and cpu_kernels else None
+        for linear in self._linears():
+            linear.prepare_cpu_paths(self.fused, quantized_matmul)
+        self.attention_backend = select_attention_backend(weight.device, weight.dtype, self.fused)
+        self.norm.fused = self.fused
+        for layer in self.layers:
+            layer.input_layernorm.fused = layer.post_attention_layernorm.fused = layer.mlp.fused = self.fused
+            layer.self_attn.attention = self.attention_backend
+        self.stack = self._decoder_stack() if self.fused is not None and decoder_stack else None
+
+    def _linears(self) -> list[Linear]:
+        out = [self.output_projection]
+        for layer in self.layers:
+            out += [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+        return out
 
     def _decoder_stack(self):
         """The C++ DecoderStack over this model's weights (pagedserve/kernels/decoder_stack.cpp)."""

@@ -1,7 +1,10 @@
-"""ModelRunner: owns the model and the KV cache tensors; turns a SchedulerOutput into logits.
+"""ModelRunner: owns the model, the KV cache tensors and the sampler; turns a SchedulerOutput into
+sampled token ids per request.
 
-prepare_inputs flattens every scheduled request's new tokens into one batch without padding
-(decodes first, then prefill segments) and computes their cache slots from the block tables.
+prepare_inputs flattens every scheduled request's new tokens into one batch without padding, in the
+order the attention backend asks for, computes their cache slots from the block tables and lets the
+backend build its own metadata. A request whose new tokens reach past its last known token gets its
+logits sampled (at every position from that token on: one row, or one per speculative token).
 """
 
 from __future__ import annotations
@@ -10,16 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
-from pagedserve.attention.metadata import AttentionMetadata, PrefillSegment
-from pagedserve.core.scheduler import ScheduledRequest, SchedulerOutput
+from pagedserve.attention.metadata import CommonAttentionMetadata
+from pagedserve.core.sched.output import ScheduledRequest, SchedulerOutput
 from pagedserve.model.config import ModelConfig
+from pagedserve.sample.sampler import Sampler
+from pagedserve.worker.runner_output import ModelRunnerOutput
 
 
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor
     positions: torch.Tensor
-    meta: AttentionMetadata
+    meta: object  # the attention backend's metadata
     sample_indices: torch.Tensor  # rows of the flat batch whose logits are sampled
     sampled: list[ScheduledRequest]  # in the same order as sample_indices
 
@@ -35,73 +40,59 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
+        self.backend = model.attention_backend
         # Pre-allocated once; requests only ever get block ids into these tensors. The model's
         # attention backend decides the layout.
         args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
-        self.kv_caches = [model.attention_backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
+        self.kv_caches = [self.backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
+        self.sampler = Sampler(model.fused)
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
     def prepare_inputs(self, sched: SchedulerOutput) -> ModelInputs:
-        decodes = [s for s in sched.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in sched.scheduled if s.num_new_tokens > 1]
+        scheduled = sched.scheduled
+        order = self.backend.reorder_batch([s.num_new_tokens for s in scheduled])
+        batch = [scheduled[i] for i in order]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
         sampled: list[ScheduledRequest] = []
-        dev = self.device
-
-        for s in decodes:
-            req, pos = s.request, s.request.num_computed_tokens
-            ids.append(req.token_at(pos))
-            positions.append(pos)
-            slots.extend(self._slots(s.block_table, pos, pos + 1))
-        segments = []
-        for s in prefills:
+        seq_lens: list[int] = []
+        for s in batch:
             req, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
-            segments.append(PrefillSegment(len(ids), s.num_new_tokens, end,
-                                           torch.tensor(s.block_table[: -(-end // self.block_size)],
-                                                        dtype=torch.long, device=dev)))
-            ids.extend(req.all_token_ids[start:end])
+            assert not s.num_spec_tokens, "verifying speculative tokens needs a rejection sampler"
+            ids.extend(req.token_ids_between(start, end))
             positions.extend(range(start, end))
-            slots.extend(self._slots(s.block_table, start, end))
-        offset = 0
-        for s in decodes + prefills:
-            offset += s.num_new_tokens
-            if s.completes_prompt:
-                sample_rows.append(offset - 1)
+            slots.extend(self._slots(s.block_ids, start, end))
+            seq_lens.append(end)
+            if end >= req.num_tokens:  # every known token is in the cache now: sample the next one
+                sample_rows.append(len(ids) - 1)
                 sampled.append(s)
-
-        block_tables = context_lens = None
-        if decodes:
-            lens = [s.request.num_computed_tokens + 1 for s in decodes]
-            max_blocks = -(-max(lens) // self.block_size)
-            padded = [s.block_table[:max_blocks] + [0] * (max_blocks - min(len(s.block_table), max_blocks))
-                      for s in decodes]
-            block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
-            context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
-
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decode_tokens=len(decodes),
-            decode_block_tables=block_tables,
-            decode_context_lens=context_lens,
-            prefills=segments,
-        )
-        self.model.attention_backend.prepare_step(meta, self.kv_caches[0][0])  # once per step, not per layer
+        dev = self.device
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
+        common = CommonAttentionMetadata(slot_mapping, [s.num_new_tokens for s in batch], seq_lens,
+                                         [s.block_ids for s in batch], self.block_size, dev)
+        meta = self.backend.build_metadata(common)  # once per step, not per layer
         return ModelInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                            torch.tensor(positions, dtype=torch.long, device=dev), meta,
                            torch.tensor(sample_rows, dtype=torch.long, device=dev), sampled)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledRequest]]:
-        """Run one forward; return logits [num_sampled, vocab] (float32) and who they belong to."""
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        """One forward, then sampling: the tokens each request gets this step."""
+        self.sampler.forget(sched.finished_req_ids)
         inputs = self.prepare_inputs(sched)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         if not inputs.sampled:
-            return hidden.new_empty((0, 0)), []
-        return self.model.compute_logits(hidden[inputs.sample_indices]), inputs.sampled
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[inputs.sample_indices])
+        result = self.sampler.sample(logits, [s.request for s in inputs.sampled])
+        logprobs = None
+        if any(lp is not None for lp in result.logprobs):
+            logprobs = [None if lp is None else [lp] for lp in result.logprobs]
+        return ModelRunnerOutput([s.request.request_id for s in inputs.sampled],
+                                 [[t] for t in result.token_ids], logprobs)

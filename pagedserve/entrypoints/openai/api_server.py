@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -15,8 +14,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pagedserve import __version__
-from pagedserve.engine.async_engine import AsyncLLMEngine
-from pagedserve.engine.llm_engine import LLMEngine
+from pagedserve.engine.async_engine import EngineSource, make_engine_client
+from pagedserve.engine.protocol import EngineClient
 from pagedserve.entrypoints.openai.errors import (
     APIError,
     bad_request,
@@ -24,6 +23,7 @@ from pagedserve.entrypoints.openai.errors import (
     internal_error,
     unavailable,
 )
+from pagedserve.entrypoints.openai.metrics import EngineMetrics
 from pagedserve.entrypoints.openai.middleware import RequestGuard
 from pagedserve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -38,20 +38,11 @@ from pagedserve.entrypoints.openai.protocol import (
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing, ServerConfig
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat, apply_chat_template
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from pagedserve.metrics import EngineMetrics
 
 logger = logging.getLogger(__name__)
 
 _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
                  413: "invalid_request_error"}
-
-
-def _tokenizer_copy(tokenizer):
-    """The handlers tokenize on the event loop while the engine thread decodes: give them their own."""
-    try:
-        return copy.deepcopy(tokenizer)
-    except Exception:  # a tokenizer that cannot be copied is shared (HF fast tokenizers are read-only here)
-        return tokenizer
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -69,28 +60,25 @@ def _body_schema(model: type[BaseModel]) -> dict:
                             "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
-def build_app(engine: LLMEngine | Callable[[], LLMEngine], config: ServerConfig) -> FastAPI:
-    """`engine` is an LLMEngine, or a factory for one: then it is built on the thread that will step
-    it, which keeps PyTorch to one OpenMP pool (see AsyncLLMEngine.build) — the fast way to serve."""
+def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> FastAPI:
+    """The server talks to the engine only through the EngineClient interface (an LLMEngine, or a
+    factory for one, is wrapped in the in-process client)."""
     metrics = EngineMetrics(config.served_model_name)
-    if isinstance(engine, LLMEngine):
-        async_engine = AsyncLLMEngine(engine, on_step=metrics.on_step)
-    else:
-        async_engine = AsyncLLMEngine.build(engine, on_step=metrics.on_step)
-    engine = async_engine.engine
-    max_in_flight = engine.config.scheduler.max_num_seqs + config.max_queued_requests
+    async_engine = make_engine_client(engine, config.served_model_name)
+    async_engine.on_step = metrics.on_step
+    info = async_engine.model_info()
+    max_in_flight = info.max_num_seqs + config.max_queued_requests
     async_engine.max_in_flight = max_in_flight
-    serving = OpenAIServing(async_engine, _tokenizer_copy(engine.tokenizer), config, engine.max_model_len,
-                            engine.capacity_tokens, engine.model_config.vocab_size)
+    serving = OpenAIServing(async_engine, config)
     completions = OpenAIServingCompletion(serving)
     chat = OpenAIServingChat(serving)
-    metrics.on_step(engine, [])  # gauges hold real values before the first request (no thread yet)
+    metrics.on_step(async_engine.initial_stats(), [])  # gauges hold real values before the first request
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async_engine.start()
         logger.info("serving %s (max_model_len=%d, %d requests in flight at most)", config.served_model_name,
-                    engine.max_model_len, max_in_flight)
+                    info.max_model_len, max_in_flight)
         try:
             yield
         finally:
@@ -132,8 +120,7 @@ def build_app(engine: LLMEngine | Callable[[], LLMEngine], config: ServerConfig)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        card = ModelCard(id=config.served_model_name, root=str(engine.model_path),
-                         max_model_len=engine.max_model_len)
+        card = ModelCard(id=config.served_model_name, root=info.path, max_model_len=info.max_model_len)
         return ModelList(data=[card])
 
     @app.get("/health")
@@ -159,10 +146,10 @@ def build_app(engine: LLMEngine | Callable[[], LLMEngine], config: ServerConfig)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = apply_chat_template(serving.tokenizer, body.messages, body.add_generation_prompt)
+            ids = apply_chat_template(serving.inputs, body.messages, body.add_generation_prompt)
         else:
             ids = serving.encode(body.prompt or "", body.add_special_tokens)
-        return TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids)
+        return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids)
 
     @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest))
     async def detokenize(request: Request) -> DetokenizeResponse:

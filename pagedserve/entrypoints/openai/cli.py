@@ -35,7 +35,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from pagedserve.config import EngineConfig
-    from pagedserve.engine.llm_engine import LLMEngine
     from pagedserve.entrypoints.openai.api_server import build_app
     from pagedserve.entrypoints.openai.serving_base import ServerConfig
 
@@ -48,8 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key or None,
                           max_queued_requests=args.max_queued_requests,
                           max_body_bytes=args.max_request_body_bytes)
-    # A factory, not an engine: the model is built on the thread that will run it (one OpenMP pool).
-    app = build_app(lambda: LLMEngine(engine_config), config)
+    # A config, not an engine: the model is built on the thread that will run it (one OpenMP pool).
+    app = build_app(engine_config, config)
     return run_server(app, args.host, args.port, args.shutdown_timeout, args.log_level)
 
 

@@ -10,13 +10,9 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from pagedserve.engine.async_engine import (
-    AsyncLLMEngine,
-    EngineDeadError,
-    EngineOverloadedError,
-    EngineStepError,
-    RequestStream,
-)
+from pagedserve.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStepError
+from pagedserve.engine.input_processor import EngineInput, InputError
+from pagedserve.engine.protocol import EngineClient
 from pagedserve.entrypoints.openai.errors import (
     APIError,
     bad_request,
@@ -51,6 +47,9 @@ class Prompt:
     token_ids: list[int]
 
 
+RequestStream = AsyncIterator[RequestOutput]
+
+
 class ClientDisconnected(Exception):
     """The HTTP client went away; its requests were aborted."""
 
@@ -62,14 +61,14 @@ def random_id(prefix: str) -> str:
 class RequestGroup:
     """The engine requests behind one HTTP request (one per prompt); aborting is idempotent."""
 
-    def __init__(self, engine: AsyncLLMEngine, request_ids: list[str], streams: list[RequestStream]) -> None:
+    def __init__(self, engine: EngineClient, request_ids: list[str], streams: list[RequestStream]) -> None:
         self.engine = engine
         self.request_ids = request_ids
         self.streams = streams
 
     def abort(self) -> None:
         for rid, stream in zip(self.request_ids, self.streams, strict=True):
-            if not stream.finished:
+            if not getattr(stream, "finished", False):
                 self.engine.abort(rid)
 
     def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -77,15 +76,18 @@ class RequestGroup:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, tokenizer, config: ServerConfig, max_model_len: int,
-                 capacity_tokens: int, vocab_size: int) -> None:
+    """Everything here goes through the EngineClient: its input processor validates and tokenizes
+    (once: the engine does not check again), its streams carry the outputs."""
+
+    def __init__(self, engine: EngineClient, config: ServerConfig) -> None:
         self.engine = engine
-        self.tokenizer = tokenizer  # a copy: the engine thread decodes with its own
+        self.inputs = engine.input_processor
+        self.tokenizer = self.inputs.tokenizer  # the front end's own copy
         self.config = config
         self.model_name = config.served_model_name
-        self.max_model_len = max_model_len
-        self.capacity_tokens = capacity_tokens
-        self.vocab_size = vocab_size
+        info = engine.model_info()
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
 
     # --- validation (nothing here touches the engine) -----------------------------------------
 
@@ -102,7 +104,7 @@ class OpenAIServing:
             raise bad_request("logit_bias is not supported", "logit_bias")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self.inputs.encode(text, add_special_tokens)
 
     async def off_loop(self, size: int, fn: Callable[..., T], *args: object) -> T:
         """Run tokenizer work for a long input in a worker thread, so that the event loop keeps
@@ -112,23 +114,20 @@ class OpenAIServing:
         return await asyncio.to_thread(fn, *args)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
-        if not ids:
-            raise bad_request(f"{param} must not be empty", param)
-        if any(t < 0 or t >= self.vocab_size for t in ids):
-            raise bad_request(f"{param} must hold token ids in [0, {self.vocab_size})", param)
+        try:
+            self.inputs.check_token_ids(ids, param)
+        except InputError as e:
+            raise input_error(e) from None
 
-    def check_length(self, num_prompt: int, max_tokens: int | None, prompt_param: str,
-                     max_tokens_param: str) -> None:
-        """The engine's limits, checked here so that the error names the field the client sent."""
-        limit = min(self.max_model_len, self.capacity_tokens)
-        if num_prompt >= limit:
-            raise APIError(400, f"{prompt_param} has {num_prompt} tokens; this model's context allows at most "
-                                f"{limit - 1} prompt tokens (max_model_len={self.max_model_len})",
-                           "invalid_request_error", prompt_param, "context_length_exceeded")
-        if max_tokens is not None and num_prompt + max_tokens > limit:
-            raise APIError(400, f"{max_tokens_param}={max_tokens} plus the prompt's {num_prompt} tokens exceeds "
-                                f"the context length of {limit} tokens",
-                           "invalid_request_error", max_tokens_param, "context_length_exceeded")
+    def engine_inputs(self, request_id: str, prompts: Sequence[Prompt], params: SamplingParams, arrival_time: float,
+                      prompt_param: str, max_tokens_param: str) -> list[EngineInput]:
+        """The input processor's checks (the engine's limits), with the wire names in its errors."""
+        try:
+            return [self.inputs.process_tokens(f"{request_id}-{i}", p.text or None, p.token_ids, params,
+                                               arrival_time, prompt_param, max_tokens_param)
+                    for i, p in enumerate(prompts)]
+        except InputError as e:
+            raise input_error(e) from None
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         renames: dict[str, str] | None = None) -> SamplingParams:
@@ -148,20 +147,17 @@ class OpenAIServing:
 
     # --- admission ----------------------------------------------------------------------------
 
-    async def admit(self, prefix: str, prompts: Sequence[Prompt], params: SamplingParams,
-                    arrival_time: float) -> RequestGroup:
+    async def admit(self, inputs: Sequence[EngineInput]) -> RequestGroup:
         """All prompts are admitted or none: 503 beyond the queue bound, 400 if the engine refuses."""
-        if not self.engine.has_capacity(len(prompts)):
+        if not self.engine.has_capacity(len(inputs)):
             raise overloaded(f"the server is at its limit of {self.engine.max_in_flight} requests in flight; "
                              "retry later", self.config.retry_after_s)
         ids: list[str] = []
         streams: list[RequestStream] = []
         try:
-            for i, p in enumerate(prompts):
-                rid = f"{prefix}-{i}"
-                streams.append(await self.engine.add_request(rid, {"prompt_token_ids": p.token_ids}, params,
-                                                             arrival_time))
-                ids.append(rid)
+            for inp in inputs:
+                streams.append(await self.engine.add_request(inp.request_id, inp))
+                ids.append(inp.request_id)
         except BaseException as e:
             RequestGroup(self.engine, ids, streams).abort()
             if isinstance(e, EngineOverloadedError):
@@ -173,6 +169,10 @@ class OpenAIServing:
                 raise from_value_error(e) from None
             raise
         return RequestGroup(self.engine, ids, streams)
+
+
+def input_error(e: InputError) -> APIError:
+    return APIError(400, str(e), "invalid_request_error", e.param, e.code)
 
 
 def engine_error(e: BaseException) -> APIError:

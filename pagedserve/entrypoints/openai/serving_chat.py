@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from pagedserve.engine.input_processor import InputProcessor
 from pagedserve.entrypoints.openai.errors import bad_request
 from pagedserve.entrypoints.openai.protocol import (
     ChatChoice,
@@ -40,21 +41,18 @@ from pagedserve.entrypoints.openai.serving_base import (
 from pagedserve.outputs import Logprob, RequestOutput
 
 
-def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(inputs: InputProcessor, messages: list[ChatMessage],
+                        add_generation_prompt: bool = True) -> list[int]:
     """Token ids of the conversation rendered with the model's own template (400 if it has none)."""
     if not messages:
         raise bad_request("messages must be a non-empty list", "messages")
-    if not tokenizer.chat_template:
+    if not inputs.tokenizer.chat_template:
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
     conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
     try:
-        ids = tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                            tokenize=True)
+        return inputs.apply_chat_template(conversation, add_generation_prompt)
     except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers return a BatchEncoding
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], top: int, tokenizer
@@ -84,7 +82,7 @@ class OpenAIServingChat:
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
         size = sum(len(m.text()) for m in req.messages)
-        ids = await s.off_loop(size, apply_chat_template, s.tokenizer, req.messages, req.add_generation_prompt)
+        ids = await s.off_loop(size, apply_chat_template, s.inputs, req.messages, req.add_generation_prompt)
         # max_completion_tokens replaces the deprecated max_tokens; None means "as much as fits".
         if req.max_completion_tokens is not None:
             max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
@@ -93,10 +91,9 @@ class OpenAIServingChat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = s.sampling_params(req, max_tokens, logprobs,
                                    renames={"logprobs": "top_logprobs", "max_tokens": max_param})
-        s.check_length(len(ids), max_tokens, "messages", max_param)
-
         request_id = random_id("chatcmpl")
-        group = await s.admit(request_id, [Prompt("", ids)], params, arrival)
+        inputs = s.engine_inputs(request_id, [Prompt("", ids)], params, arrival, "messages", max_param)
+        group = await s.admit(inputs)
         try:
             if req.stream:
                 outputs = group.outputs()

@@ -86,11 +86,9 @@ class OpenAIServingCompletion:
         prompts = await self._prompts(req)
         max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         params = s.sampling_params(req, max_tokens, req.logprobs)
-        for p in prompts:
-            s.check_length(len(p.token_ids), max_tokens, "prompt", "max_tokens")
-
         request_id = random_id("cmpl")
-        group = await s.admit(request_id, prompts, params, arrival)
+        inputs = s.engine_inputs(request_id, prompts, params, arrival, "prompt", "max_tokens")
+        group = await s.admit(inputs)
         try:
             if req.stream:
                 outputs = group.outputs()

@@ -1,0 +1,30 @@
+"""Attention backends. Each owns its KV cache layout, its batch order and its per-step metadata:
+
+    allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, device) -> (k_cache, v_cache)
+    reorder_batch(query_lens) -> the order of the step's requests in the flat batch
+    build_metadata(CommonAttentionMetadata) -> whatever its __call__ reads
+    __call__(q, k, v, k_cache, v_cache, metadata, scale) -> attention output
+
+`select_attention_backend` picks one for a device and dtype (a GPU backend plugs in here).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from pagedserve.attention.backends.cpu_fused import CpuPagedAttention
+from pagedserve.attention.backends.torch_ref import TorchPagedAttention
+
+AttentionBackend = TorchPagedAttention | CpuPagedAttention
+
+
+def select_attention_backend(device: torch.device, dtype: torch.dtype, ops: ModuleType | None) -> AttentionBackend:
+    """The fused CPU kernels for float32 on CPU when they built; the plain-PyTorch reference otherwise."""
+    if ops is not None and device.type == "cpu" and dtype == torch.float32:
+        return CpuPagedAttention(ops)
+    return TorchPagedAttention()
+
+
+__all__ = ["AttentionBackend", "CpuPagedAttention", "TorchPagedAttention", "select_attention_backend"]

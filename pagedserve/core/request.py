@@ -1,0 +1,95 @@
+"""Request: one sequence in the engine core — its state machine, token ids and scheduling times.
+
+Plain data only (ids, seeds, numbers): a Request pickles, so the core can live in another process.
+The sampler's random generator for a seeded request is built from `seed` by the model runner, and the
+text side (prompt string, detokenizer, logprob strings) lives in the front end's output processor.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+from pagedserve.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # blocks freed; waits at the front of the queue to be recomputed
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED)
+
+
+class Request:
+    """One sequence. `n > 1` requests reach the core as n of these (one per sample)."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 eos_token_id: int | None = None, arrival_time: float | None = None,
+                 seed: int | None = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.eos_token_id = eos_token_id
+        self.seed = seed
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0  # tokens whose K/V sit in the cache
+        # Proposed tokens to verify in the next step (speculative decoding); they sit after the
+        # known tokens and become output tokens only once the runner accepts them.
+        self.spec_token_ids: list[int] = []
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def token_at(self, position: int) -> int:
+        n = len(self.prompt_token_ids)
+        if position < n:
+            return self.prompt_token_ids[position]
+        if position < self.num_tokens:
+            return self.output_token_ids[position - n]
+        return self.spec_token_ids[position - self.num_tokens]
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """Token ids at positions [start, end), spec tokens after the known ones included."""
+        known = self.num_tokens
+        ids = self.all_token_ids[start:min(end, known)]
+        if end > known:
+            ids += self.spec_token_ids[max(0, start - known):end - known]
+        return ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return self.num_tokens + len(self.spec_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens this request may hold in the KV cache at most (prompt + max_tokens)."""
+        return self.num_prompt_tokens + (self.params.max_tokens or 0)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.finished
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, {self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"out={len(self.output_token_ids)}, computed={self.num_computed_tokens})")

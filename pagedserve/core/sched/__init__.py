@@ -1,0 +1,1 @@
+"""Iteration-level scheduling: the continuous policy and the static baseline, one Scheduler."""

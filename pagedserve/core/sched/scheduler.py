@@ -1,0 +1,153 @@
+"""The scheduler: which requests run in the next step with how many tokens, and what a step's sampled
+tokens do to them.
+
+`schedule()` follows the configured policy (continuous.py, static.py); `update_from_output()` is the
+only place that advances `num_computed_tokens`, appends tokens, checks stop conditions on token ids
+(EOS, stop token ids, max_tokens, the context length) and frees the blocks of finished requests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pagedserve.config import SchedulerConfig
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.sched.continuous import schedule_continuous
+from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.static import schedule_static
+from pagedserve.engine.core_messages import EngineCoreOutput, EngineCoreOutputs
+from pagedserve.worker.runner_output import ModelRunnerOutput
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    num_preemptions: int  # since the start
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int | None = None) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._finished_ids: set[str] = set()
+        policies: dict[str, Callable[[Scheduler], SchedulerOutput]] = {
+            "continuous": schedule_continuous, "static": schedule_static}
+        self._policy = policies[config.policy]
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = self._policy(self)
+        out.finished_req_ids, self._finished_ids = self._finished_ids, set()
+        return out
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(len(self.running), len(self.waiting), self.num_preemptions)
+
+    # --- helpers the policies share ----------------------------------------------------------------
+
+    def preempt(self, req: Request) -> None:
+        """Free its blocks; it waits at the front of the queue and is recomputed when readmitted."""
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def start_running(self, req: Request) -> None:
+        req.status = RequestStatus.RUNNING
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
+        self.running.append(req)
+
+    # --- after the step --------------------------------------------------------------------------
+
+    def update_from_output(self, sched: SchedulerOutput, runner: ModelRunnerOutput) -> EngineCoreOutputs:
+        """Apply one step's results. A request may get several tokens (accepted speculative tokens plus
+        the one sampled after them); tokens after one that stops it are dropped. Requests finished or
+        aborted since `schedule()` are skipped: their late tokens are not appended."""
+        now = time.monotonic()
+        index = runner.index()
+        outputs: list[EngineCoreOutput] = []
+        for s in sched.scheduled:
+            req = s.request
+            if req.is_finished:
+                continue
+            req.num_computed_tokens += s.num_new_tokens
+            row = index.get(req.request_id)
+            new_ids = runner.sampled_token_ids[row] if row is not None else []
+            if s.num_spec_tokens:  # slots of rejected proposals hold K/V nobody may read: recompute them
+                req.num_computed_tokens -= s.num_spec_tokens + 1 - len(new_ids)
+                req.spec_token_ids = []
+            if not new_ids:
+                continue  # a prompt chunk that did not reach the prompt's end
+            status = None
+            accepted = 0
+            for token in new_ids:
+                req.output_token_ids.append(token)
+                accepted += 1
+                status = self._check_stop(req, token)
+                if status is not None:
+                    break
+            logprobs = runner.logprobs[row][:accepted] if runner.logprobs and runner.logprobs[row] else None
+            first = len(req.output_token_ids) == accepted  # the request's first output: send its start time
+            out = EngineCoreOutput(req.request_id, new_ids[:accepted], logprobs,
+                                   first_scheduled_time=req.first_scheduled_time if first else None,
+                                   num_preemptions=req.num_preemptions)
+            if status is not None:
+                self.finish_request(req, status)
+                out.finish_reason, out.stop_reason = status.value, req.stop_reason
+            outputs.append(out)
+        return EngineCoreOutputs(outputs, now)
+
+    def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
+        p = req.params
+        n_out = len(req.output_token_ids)
+        may_stop = n_out > p.min_tokens  # the sampler masked EOS/stop ids for the first min_tokens
+        if may_stop and not p.ignore_eos and token == req.eos_token_id:
+            return RequestStatus.FINISHED_STOPPED
+        if may_stop and token in p.stop_token_ids:
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if n_out >= (p.max_tokens or 0) or (self.max_model_len is not None and req.num_tokens >= self.max_model_len):
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_request(self, req: Request, status: RequestStatus) -> None:
+        """Finished or aborted: leave the queues and give the blocks back at once."""
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_ids.add(req.request_id)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
+        """Abort those still in the core; returns the ids that were."""
+        aborted = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.is_finished:
+                self.finish_request(req, RequestStatus.FINISHED_ABORTED)
+                aborted.append(rid)
+        return aborted

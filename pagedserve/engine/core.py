@@ -1,0 +1,113 @@
+"""EngineCore: the model, the paged KV cache, the scheduler and the runner, and the three-call step.
+
+    step() = scheduler.schedule() -> model_runner.execute(scheduler_output)
+             -> scheduler.update_from_output(scheduler_output, runner_output)
+
+It takes EngineCoreRequests (token ids, validated params) and answers EngineCoreOutputs (token ids);
+it never sees text. Everything else — tokenizing, validation, detokenizing, stop strings, n > 1
+groups, streaming — is the front end's (input_processor.py, output_processor.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pagedserve.config import EngineConfig
+from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheManager, KVCacheStats
+from pagedserve.core.request import Request
+from pagedserve.core.sched.scheduler import Scheduler
+from pagedserve.engine.core_messages import EngineCoreOutputs, EngineCoreRequest
+from pagedserve.model.config import ModelConfig
+from pagedserve.model.loader import iter_quantized_rows, iter_weights, load_config, resolve_model_path
+from pagedserve.model.registry import model_class_for
+from pagedserve.worker.model_runner import ModelRunner, kv_block_bytes
+
+
+@dataclass
+class StepRecord:
+    """One engine step, for the benchmark's timelines."""
+
+    start: float
+    duration: float
+    num_seqs: int
+    num_tokens: int
+    num_prefill_seqs: int
+    kv: KVCacheStats
+    num_waiting: int
+    num_preempted: int
+
+
+def build_model(config: EngineConfig, path: Path, cfg: ModelConfig) -> torch.nn.Module:
+    model = model_class_for(cfg.architecture)(cfg)
+    model.load_weights(iter_weights(path, cfg))
+    device = torch.device(config.device)
+    if device.type == "cpu" and config.torch_dtype == torch.float32:  # the only path that reads them
+        model.attach_quantized(iter_quantized_rows(path, cfg))
+    model = model.to(device=device, dtype=config.torch_dtype).eval()
+    model.rotary.float()  # cos/sin tables stay float32 for accuracy; cast per step
+    model.prepare_for_inference(config.cpu_kernels, config.decoder_stack, config.quantized_matmul)
+    return model
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        torch.manual_seed(config.seed)
+        self.model_path = resolve_model_path(config.model)
+        self.model_config = cfg = load_config(self.model_path)
+        self.model = build_model(config, self.model_path, cfg)
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        cc = config.cache
+        block_bytes = kv_block_bytes(cfg, cc.block_size, config.torch_dtype)
+        num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30 // block_bytes))
+        self.kv = KVCacheManager(num_blocks, cc.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.model, cfg, num_blocks, cc.block_size, config.torch_dtype,
+                                  torch.device(config.device))
+        self.record_steps = False
+        self.step_records: list[StepRecord] = []
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.kv.pool.num_blocks * self.kv.block_size
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self.scheduler.add_request(Request(request.request_id, request.prompt_token_ids, request.params,
+                                           request.eos_token_id, request.arrival_time, request.seed))
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
+        """Finish them now and free their blocks; returns the ids that were still in the core."""
+        return self.scheduler.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def running_request_ids(self) -> list[str]:
+        return [r.request_id for r in self.scheduler.running]
+
+    def step(self) -> EngineCoreOutputs:
+        start = time.monotonic()
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return EngineCoreOutputs([], time.monotonic())
+        runner_output = self.runner.execute(sched)
+        outputs = self.scheduler.update_from_output(sched, runner_output)
+        if self.record_steps:
+            self.step_records.append(StepRecord(
+                start=start, duration=time.monotonic() - start, num_seqs=len(sched.scheduled),
+                num_tokens=sched.num_tokens, num_prefill_seqs=sum(s.num_new_tokens > 1 for s in sched.scheduled),
+                kv=self.kv.stats(), num_waiting=len(self.scheduler.waiting), num_preempted=len(sched.preempted)))
+        return outputs
+
+    def kv_stats(self) -> KVCacheStats:
+        return self.kv.stats()
+
+    def kv_snapshot(self) -> list[BlockInfo]:
+        return self.kv.snapshot()

@@ -1,0 +1,134 @@
+"""Input processing: a prompt (text, token ids, or a chat conversation) and SamplingParams become
+the engine's request, validated once. `LLM`, `LLMEngine` and the OpenAI server all call this; the
+core then trusts what it gets. Errors are ValueErrors naming the field (the server passes its wire
+names, so a client's 400 names the field it sent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from pagedserve.engine.core_messages import EngineCoreRequest
+from pagedserve.sampling_params import SamplingParams
+
+PromptType = str | list[int] | dict
+Message = dict[str, str]
+
+
+class InputError(ValueError):
+    """A refused input: the message, the field it names, and an OpenAI error code."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class EngineInput:
+    """One validated request, before it is split into the core's sequences (n of them)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams  # max_tokens filled in
+    arrival_time: float
+    eos_token_id: int | None
+
+    def core_requests(self) -> list[EngineCoreRequest]:
+        """n > 1 becomes n sequences `id#i`, seeded seed + i."""
+        n = self.params.n
+        return [EngineCoreRequest(self.request_id if n == 1 else f"{self.request_id}#{i}", self.prompt_token_ids,
+                                  self.params, self.eos_token_id, self.arrival_time,
+                                  None if self.params.seed is None else self.params.seed + i)
+                for i in range(n)]
+
+
+class InputProcessor:
+    def __init__(self, tokenizer, vocab_size: int, max_model_len: int, capacity_tokens: int,
+                 eos_token_id: int | None, model_name: str = "") -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.capacity_tokens = capacity_tokens
+        self.eos_token_id = eos_token_id
+        self.model_name = model_name
+
+    @property
+    def limit(self) -> int:
+        """Tokens one sequence may hold: the context length, or the whole KV cache if smaller."""
+        return min(self.max_model_len, self.capacity_tokens)
+
+    # --- prompts ---------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def check_token_ids(self, ids: list[int], field: str = "prompt_token_ids") -> None:
+        if not ids:
+            raise InputError(f"{field} must be a non-empty list", field)
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids):
+            raise InputError(f"{field} must be integers in [0, {self.vocab_size})", field)
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """A prompt string, a list of token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise InputError("prompt dict must have 'prompt' or 'prompt_token_ids'", "prompt")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InputError("prompt must be a non-empty string", "prompt")
+            return prompt, self.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            self.check_token_ids(list(prompt))
+            return None, list(prompt)
+        raise InputError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}",
+                         "prompt")
+
+    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
+        """The model's chat template over a conversation of {"role", "content"} messages."""
+        if not conversation:
+            raise InputError("messages must be a non-empty list", "messages")
+        if not self.tokenizer.chat_template:
+            raise InputError(f"model {self.model_name!r} has no chat template", "messages")
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    # --- limits ----------------------------------------------------------------------------------
+
+    def check_length(self, num_prompt: int, max_tokens: int | None, prompt_field: str = "prompt",
+                     max_tokens_field: str = "max_tokens") -> None:
+        limit = self.limit
+        if num_prompt >= limit:
+            raise InputError(f"{prompt_field} has {num_prompt} tokens; this model's context allows at most "
+                             f"{limit - 1} prompt tokens (max_model_len={self.max_model_len}, KV capacity="
+                             f"{self.capacity_tokens} tokens)", prompt_field, "context_length_exceeded")
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise InputError(f"{max_tokens_field}={max_tokens} plus the prompt's {num_prompt} tokens exceeds the "
+                             f"context length of {limit} tokens (max_model_len={self.max_model_len}, KV capacity="
+                             f"{self.capacity_tokens} tokens)", max_tokens_field, "context_length_exceeded")
+
+    # --- the request -----------------------------------------------------------------------------
+
+    def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None, arrival_time: float,
+                prompt_field: str = "prompt", max_tokens_field: str = "max_tokens") -> EngineInput:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InputError("sampling_params must be a SamplingParams", "sampling_params")
+        text, ids = self.tokenize_prompt(prompt)
+        return self.process_tokens(request_id, text, ids, params, arrival_time, prompt_field, max_tokens_field)
+
+    def process_tokens(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
+                       arrival_time: float, prompt_field: str = "prompt",
+                       max_tokens_field: str = "max_tokens") -> EngineInput:
+        """For token ids the caller has already checked (the server's own tokenization)."""
+        self.check_length(len(ids), params.max_tokens, prompt_field, max_tokens_field)
+        if params.max_tokens is None:  # as much as fits
+            params = replace(params, max_tokens=self.limit - len(ids))
+        return EngineInput(request_id, text, list(ids), params, arrival_time, self.eos_token_id)

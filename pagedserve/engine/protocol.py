@@ -1,0 +1,99 @@
+"""EngineClient: the one interface the server, its metrics and anything later (a router, a web page)
+use to talk to an engine, wherever its core runs. Nothing on this side of it touches the scheduler,
+the KV manager or the model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheStats
+from pagedserve.engine.input_processor import EngineInput, InputProcessor, PromptType
+from pagedserve.outputs import RequestOutput
+from pagedserve.sampling_params import SamplingParams
+
+
+@dataclass
+class EngineStats:
+    num_running: int  # sequences in the running batch
+    num_waiting: int  # sequences waiting (preempted ones included)
+    num_preemptions: int  # since the start
+    kv: KVCacheStats
+
+
+@dataclass
+class ModelInfo:
+    name: str  # the name clients use
+    path: str
+    max_model_len: int
+    vocab_size: int
+    capacity_tokens: int  # KV cache slots in all
+    max_num_seqs: int
+
+
+# Called after every engine step with the engine's figures and the outputs about to be delivered
+# (the server's metrics); it runs on the engine's side, so it must be quick and thread-safe.
+StepHook = Callable[[EngineStats, list[RequestOutput]], None]
+
+
+class EngineClient(ABC):
+    on_step: StepHook | None = None
+    max_in_flight: int  # requests admitted at most (running + queued); more are refused
+
+    # --- lifecycle (called from the event loop) --------------------------------------------------
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start serving (on the running event loop)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Abort what is in flight and stop."""
+
+    @abstractmethod
+    def drain_threadsafe(self, grace_s: float) -> None:
+        """Admit nothing more; abort what still runs after `grace_s` (from a signal handler)."""
+
+    @abstractmethod
+    def has_capacity(self, num_requests: int = 1) -> bool: ...
+
+    @property
+    @abstractmethod
+    def num_in_flight(self) -> int: ...
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def add_request(self, request_id: str, prompt: PromptType | EngineInput,
+                          params: SamplingParams | None = None,
+                          arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+        """Queue a request (a prompt, or one the input processor already validated) and return the
+        stream of its outputs; raises ValueError when it is refused, before it reaches the core."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; its stream ends."""
+
+    @abstractmethod
+    async def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    def initial_stats(self) -> EngineStats:
+        """The figures before `start()` (the server's gauges start from them)."""
+
+    @abstractmethod
+    def model_info(self) -> ModelInfo: ...
+
+    @abstractmethod
+    async def kv_snapshot(self) -> list[BlockInfo]: ...
+
+    @property
+    @abstractmethod
+    def input_processor(self) -> InputProcessor:
+        """Validation and tokenization, for the front end's own use (its own tokenizer copy)."""
+
+    @property
+    @abstractmethod
+    def unavailable_reason(self) -> str | None:
+        """Why no new request is accepted (dead, shutting down), or None while serving."""

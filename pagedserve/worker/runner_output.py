@@ -1,0 +1,19 @@
+"""What the model runner returns for one step: sampled token ids per request (a list each)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.engine.core_messages import RawLogprob
+
+
+@dataclass
+class ModelRunnerOutput:
+    req_ids: list[str] = field(default_factory=list)
+    # Per request in req_ids: the tokens this step produced for it (one, or several when speculative
+    # tokens were accepted; empty for a prompt chunk that did not reach the prompt's end).
+    sampled_token_ids: list[list[int]] = field(default_factory=list)
+    logprobs: list[list[RawLogprob] | None] | None = None  # per request, per token; None when nobody asked
+
+    def index(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.req_ids)}

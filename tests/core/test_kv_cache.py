@@ -1,0 +1,48 @@
+import pytest
+
+from pagedserve.core.block_pool import BlockPool, OutOfBlocksError
+from pagedserve.core.kv_cache_manager import KVCacheManager
+from pagedserve.core.request import Request
+from pagedserve.sampling_params import SamplingParams
+
+
+def _req(rid: str) -> Request:
+    return Request(rid, [1], SamplingParams())
+
+
+def test_pool_allocate_free_and_refcounts():
+    pool = BlockPool(4)
+    a = pool.allocate(3)
+    assert pool.num_free == 1 and all(pool.ref_counts[b] == 1 for b in a)
+    pool.incref(a[:1])
+    pool.free(a)
+    assert pool.num_free == 3  # the shared block still has an owner
+    pool.free(a[:1])
+    assert pool.num_free == 4
+    with pytest.raises(OutOfBlocksError):
+        pool.allocate(5)
+    with pytest.raises(AssertionError):
+        pool.free([0])
+
+
+def test_manager_all_or_nothing_and_stats():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a, b = _req("a"), _req("b")
+    assert kv.allocate_slots(a, 5)  # 2 blocks
+    assert kv.allocate_slots(b, 8)  # 2 blocks
+    assert not kv.allocate_slots(a, 9)  # needs a third block: none free, nothing changes
+    assert len(kv.get_block_ids(a)) == 2
+    st = kv.stats()
+    assert (st.used_blocks, st.free_blocks, st.active_requests) == (4, 0, 2)
+    assert st.utilization == 1.0
+    assert st.fragmentation == pytest.approx((16 - 13) / 16)
+    kv.free(a)
+    kv.free(b)
+    assert kv.stats().free_blocks == 4
+
+
+def test_reservation_counts_as_fragmentation():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    kv.allocate_slots(_req("s"), 2, num_lookahead_tokens=14)  # static policy: reserve prompt + max_tokens
+    st = kv.stats()
+    assert st.used_blocks == 4 and st.fragmentation == pytest.approx(14 / 16)
