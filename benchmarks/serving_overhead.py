@@ -6,12 +6,17 @@ Workloads:
   greedy, ignore_eos), all at once, 64 seats;
 - chapter16: the chapter's templates (48 requests, output lengths 0.25x), all at once, 16 seats.
 
+Modes: offline; plain (HTTP, not streamed); stream (every request streamed, with usage); streamN (the
+same against a server started with --stream-interval N).
+
 For the server it also reads each thread's CPU time from /proc: the main thread runs the event loop
 (HTTP, JSON, SSE), the other threads the engine (its loop thread and PyTorch's OpenMP workers, whose
-spin-waits count too); and the load generator's own CPU time (it shares the two cores). So it shows
-how the front end's cycles compare to the engine's.
+spin-waits count too); and the load generator's own CPU time (it shares the two cores; its streaming
+reader keeps only the stream's tail, where the usage chunk is, rather than parsing every event). So
+it shows how the front end's cycles compare to the engine's.
 
     .venv/bin/python benchmarks/serving_overhead.py [--workloads w64,chapter16] [--runs 3]
+                                                    [--modes offline,plain,stream,stream4]
                                                     [--json bench-results/serving-overhead.json]
 """
 
@@ -105,16 +110,16 @@ async def post_one(client: httpx.AsyncClient, prompt, max_tokens: int, stream: b
         resp.raise_for_status()
         return resp.json()["usage"]["completion_tokens"]
     body["stream_options"] = {"include_usage": True}
-    tokens = 0
+    # A lean reader: the engine's throughput is what is measured, so the client only keeps the tail of
+    # the stream, where the usage chunk is, instead of parsing every event (it shares the two cores).
+    tail = b""
     async with client.stream("POST", "/v1/completions", json=body) as resp:
         resp.raise_for_status()
-        async for line in resp.aiter_lines():
-            payload = parse_sse_line(line)
-            if payload == "[DONE]":
-                break
-            if isinstance(payload, dict) and payload.get("usage"):
-                tokens = payload["usage"]["completion_tokens"]
-    return tokens
+        async for data in resp.aiter_bytes():
+            tail = (tail + data)[-8192:]
+    events = [parse_sse_line(line) for line in tail.decode(errors="replace").splitlines()[-6:]]
+    usage = [e["usage"] for e in events if isinstance(e, dict) and e.get("usage")]
+    return usage[-1]["completion_tokens"] if usage else 0
 
 
 async def drive(url: str, prompts, max_tokens, stream: bool) -> tuple[int, float]:
@@ -165,6 +170,8 @@ def main() -> int:
     ap.add_argument("--workloads", default="w64,chapter16")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--server-arg", action="append", default=[], help="extra `pagedserve serve` argument")
+    ap.add_argument("--modes", default="offline,plain,stream",
+                    help="which of offline, plain, stream, streamN (a server with --stream-interval N) to run")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m"))
@@ -172,22 +179,32 @@ def main() -> int:
     for name in args.workloads.split(","):
         prompts, max_tokens, seats = workload(name, tokenizer)
         runs = []
+        modes = args.modes.split(",")
+        served = [m for m in modes if m != "offline"]
         for i in range(args.runs):
-            row = {"offline": run_offline(prompts, max_tokens, seats)}
-            row.update(run_server(prompts, max_tokens, seats, ["plain", "stream"], args.server_arg))
+            row = {"offline": run_offline(prompts, max_tokens, seats)} if "offline" in modes else {}
+            default = [m for m in served if m in ("plain", "stream")]
+            if default:
+                row.update(run_server(prompts, max_tokens, seats, default, args.server_arg))
+            for m in served:
+                if m.startswith("stream") and m != "stream":  # streamN: a server with --stream-interval N
+                    extra = [*args.server_arg, "--stream-interval", m.removeprefix("stream")]
+                    row.update({m: run_server(prompts, max_tokens, seats, ["stream"], extra)["stream"]})
             runs.append(row)
-            off = row["offline"]["tok_per_s"]
+            off = row["offline"]["tok_per_s"] if "offline" in row else float("nan")
             print(f"{name} run {i + 1}: offline {off:.1f} tok/s, "
                   + ", ".join(f"{m} {row[m]['tok_per_s']:.1f} ({row[m]['tok_per_s'] / off:.3f}x; front end "
                               f"{row[m]['front_end_cpu_s']:.1f} s CPU, engine {row[m]['engine_cpu_s']:.1f} s, "
                               f"client {row[m]['client_cpu_s']:.1f} s)"
-                              for m in ("plain", "stream")), flush=True)
+                              for m in served), flush=True)
         report[name] = runs
-        med = {m: statistics.median(r[m]["tok_per_s"] for r in runs) for m in ("offline", "plain", "stream")}
-        ratio = {m: statistics.median(r[m]["tok_per_s"] / r["offline"]["tok_per_s"] for r in runs)
-                 for m in ("plain", "stream")}
-        print(f"{name} medians: offline {med['offline']:.1f}, plain {med['plain']:.1f} ({ratio['plain']:.3f}x), "
-              f"stream {med['stream']:.1f} ({ratio['stream']:.3f}x)", flush=True)
+        med = {m: statistics.median(r[m]["tok_per_s"] for r in runs) for m in modes}
+        line = ", ".join(f"{m} {med[m]:.1f}" for m in modes)
+        if "offline" in modes:
+            line += "; ratios " + ", ".join(
+                f"{m} {statistics.median(r[m]['tok_per_s'] / r['offline']['tok_per_s'] for r in runs):.3f}x"
+                for m in served)
+        print(f"{name} medians: {line}", flush=True)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))

@@ -251,3 +251,19 @@ def test_build_reraises_factory_errors_and_stop_before_start_ends_the_thread(tin
     run(eng.stop())
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_stream_interval_gathers_tokens_but_never_the_first_or_last(engine):
+    async def main():
+        eng = AsyncLLMEngine(engine, stream_interval=4)
+        eng.start()
+        outs = await _drain(await eng.add_request("r", "Hello world", GREEDY))  # 12 tokens
+        await eng.stop()
+        return outs
+
+    outs = run(main())
+    sizes = [len(o.outputs[0].token_ids_delta) for o in outs]
+    assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]) and sum(sizes) == 12
+    assert len(outs) <= 1 + 11 // 4 + 1 and outs[-1].finished
+    assert [t for o in outs for t in o.outputs[0].token_ids_delta] == outs[-1].outputs[0].token_ids
+    assert "".join(o.outputs[0].text_delta for o in outs) == outs[-1].outputs[0].text

@@ -64,7 +64,7 @@ def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> Fast
     """The server talks to the engine only through the EngineClient interface (an LLMEngine, or a
     factory for one, is wrapped in the in-process client)."""
     metrics = EngineMetrics(config.served_model_name)
-    async_engine = make_engine_client(engine, config.served_model_name)
+    async_engine = make_engine_client(engine, config.served_model_name, config.stream_interval)
     async_engine.on_step = metrics.on_step
     info = async_engine.model_info()
     max_in_flight = info.max_num_seqs + config.max_queued_requests

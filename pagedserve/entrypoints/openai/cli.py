@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     g.add_argument("--max-queued-requests", type=int, default=256,
                    help="requests admitted beyond the running batch (max-num-seqs); more get 503")
+    g.add_argument("--stream-interval", type=int, default=1,
+                   help="streamed responses send an event once this many tokens have gathered (the first "
+                        "token and the end never wait); 1 = every token")
     g.add_argument("--max-request-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
@@ -40,13 +43,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
+    if args.stream_interval < 1:
+        raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key or None,
                           max_queued_requests=args.max_queued_requests,
-                          max_body_bytes=args.max_request_body_bytes)
+                          max_body_bytes=args.max_request_body_bytes, stream_interval=args.stream_interval)
     # A config, not an engine: the model is built on the thread that will run it (one OpenMP pool).
     app = build_app(engine_config, config)
     return run_server(app, args.host, args.port, args.shutdown_timeout, args.log_level)

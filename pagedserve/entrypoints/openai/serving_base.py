@@ -37,6 +37,8 @@ class ServerConfig:
     max_queued_requests: int = 256
     max_body_bytes: int = 1 << 20
     retry_after_s: int = 1
+    # Tokens gathered per streamed event (the --stream-interval of vLLM and SGLang); 1 = every token.
+    stream_interval: int = 1
 
 
 @dataclass
