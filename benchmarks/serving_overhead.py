@@ -122,16 +122,26 @@ async def post_one(client: httpx.AsyncClient, prompt, max_tokens: int, stream: b
     return usage[-1]["completion_tokens"] if usage else 0
 
 
-async def drive(url: str, prompts, max_tokens, stream: bool) -> tuple[int, float]:
+async def drive(url: str, prompts, max_tokens, stream: bool, stagger_s: float) -> tuple[int, float]:
+    """All requests at once, each sent `stagger_s` after the previous one so that they reach the
+    server's queue in the workload's order, as offline `generate` queues them: with fewer seats than
+    requests, which ones start first decides the run's length, whatever the front end costs."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         await post_one(client, prompts[0], 4, stream)  # warm-up
+
+        async def one(i: int, prompt, n: int) -> int:
+            await asyncio.sleep(i * stagger_s)  # the arrival order, not compute
+            return await post_one(client, prompt, n, stream)
+
         start = time.perf_counter()
-        counts = await asyncio.gather(*(post_one(client, p, m, stream) for p, m in zip(prompts, max_tokens, strict=True)))
+        counts = await asyncio.gather(*(one(i, p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens,
+                                                                                      strict=True))))
         return sum(counts), time.perf_counter() - start
 
 
-def run_server(prompts, max_tokens, seats: int, modes: list[str], extra: list[str]) -> dict[str, dict]:
+def run_server(prompts, max_tokens, seats: int, modes: list[str], extra: list[str],
+               stagger_s: float) -> dict[str, dict]:
     port = free_port()
     cmd = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--port", str(port),
            "--max-num-seqs", str(seats), "--log-level", "warning", *extra]
@@ -152,7 +162,7 @@ def run_server(prompts, max_tokens, seats: int, modes: list[str], extra: list[st
         for mode in modes:
             before = thread_cpu(proc.pid)
             client_before = time.process_time()
-            tokens, seconds = asyncio.run(drive(url, prompts, max_tokens, stream=(mode == "stream")))
+            tokens, seconds = asyncio.run(drive(url, prompts, max_tokens, mode == "stream", stagger_s))
             client = time.process_time() - client_before
             after = thread_cpu(proc.pid)
             front = after.get(proc.pid, 0.0) - before.get(proc.pid, 0.0)
@@ -172,9 +182,11 @@ def main() -> int:
     ap.add_argument("--server-arg", action="append", default=[], help="extra `pagedserve serve` argument")
     ap.add_argument("--modes", default="offline,plain,stream",
                     help="which of offline, plain, stream, streamN (a server with --stream-interval N) to run")
+    ap.add_argument("--stagger-ms", type=float, default=2.0, help="gap between two requests' sends over HTTP")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     tokenizer = load_tokenizer(resolve_model_path("smollm2-135m"))
+    stagger = args.stagger_ms / 1000
     report: dict[str, list] = {}
     for name in args.workloads.split(","):
         prompts, max_tokens, seats = workload(name, tokenizer)
@@ -185,11 +197,11 @@ def main() -> int:
             row = {"offline": run_offline(prompts, max_tokens, seats)} if "offline" in modes else {}
             default = [m for m in served if m in ("plain", "stream")]
             if default:
-                row.update(run_server(prompts, max_tokens, seats, default, args.server_arg))
+                row.update(run_server(prompts, max_tokens, seats, default, args.server_arg, stagger))
             for m in served:
                 if m.startswith("stream") and m != "stream":  # streamN: a server with --stream-interval N
                     extra = [*args.server_arg, "--stream-interval", m.removeprefix("stream")]
-                    row.update({m: run_server(prompts, max_tokens, seats, ["stream"], extra)["stream"]})
+                    row.update({m: run_server(prompts, max_tokens, seats, ["stream"], extra, stagger)["stream"]})
             runs.append(row)
             off = row["offline"]["tok_per_s"] if "offline" in row else float("nan")
             print(f"{name} run {i + 1}: offline {off:.1f} tok/s, "

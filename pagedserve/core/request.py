@@ -53,14 +53,6 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def token_at(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        if position < n:
-            return self.prompt_token_ids[position]
-        if position < self.num_tokens:
-            return self.output_token_ids[position - n]
-        return self.spec_token_ids[position - self.num_tokens]
-
     def token_ids_between(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end), spec tokens after the known ones included."""
         known = self.num_tokens

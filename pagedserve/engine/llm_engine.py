@@ -40,7 +40,6 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending_outputs: list[RequestOutput] = []  # abort outputs, handed out by the next step
         self._ids = itertools.count()
-        self.num_prompt_tokens = 0
 
     # --- what the core owns, for tests, tools and benchmarks --------------------------------------
 
@@ -127,7 +126,6 @@ class LLMEngine:
         self.output_processor.add_request(request, [r.request_id for r in core_requests])
         for r in core_requests:
             self.core.add_request(r)
-        self.num_prompt_tokens += len(request.prompt_token_ids)
         return request.request_id
 
     def abort_request(self, request_id: str | Sequence[str]) -> None:

@@ -46,3 +46,34 @@ def test_reservation_counts_as_fragmentation():
     kv.allocate_slots(_req("s"), 2, num_lookahead_tokens=14)  # static policy: reserve prompt + max_tokens
     st = kv.stats()
     assert st.used_blocks == 4 and st.fragmentation == pytest.approx(14 / 16)
+
+
+def test_fork_shares_full_blocks_only_and_frees_by_reference():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    parent, child = _req("p"), _req("c")
+    assert kv.allocate_slots(parent, 10)  # 3 blocks: two full, one with 2 of 4 slots used
+    assert kv.fork(parent, child) == 8  # the child need not compute the first 8 tokens
+    shared = kv.get_block_ids(child)
+    assert shared == kv.get_block_ids(parent)[:2]
+    assert all(kv.pool.ref_counts[b] == 2 for b in shared)
+    child.num_computed_tokens = 8
+    assert kv.allocate_slots(child, 3)  # its own copy of the partial block: never written by two sequences
+    assert kv.get_block_ids(child)[2] not in kv.get_block_ids(parent)
+    kv.free(parent)
+    assert all(kv.pool.ref_counts[b] == 1 for b in shared) and kv.stats().used_blocks == 3
+    kv.free(child)
+    assert kv.stats().free_blocks == 8
+
+
+def test_snapshot_lists_every_block_with_owners_refs_and_fill():
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a, b = _req("a"), _req("b")
+    kv.allocate_slots(a, 6)
+    kv.fork(a, b)
+    snap = kv.snapshot()
+    assert [s.block_id for s in snap] == [0, 1, 2, 3]
+    table = kv.get_block_ids(a)
+    first, second = snap[table[0]], snap[table[1]]
+    assert (first.owners, first.ref_count, first.num_tokens, first.state) == (["a", "b"], 2, 4, "used")
+    assert (second.owners, second.ref_count, second.num_tokens) == (["a"], 1, 2)
+    assert sum(s.state == "free" for s in snap) == 2 and kv.get_computed_blocks(a) == ([], 0)

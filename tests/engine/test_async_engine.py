@@ -267,3 +267,24 @@ def test_stream_interval_gathers_tokens_but_never_the_first_or_last(engine):
     assert len(outs) <= 1 + 11 // 4 + 1 and outs[-1].finished
     assert [t for o in outs for t in o.outputs[0].token_ids_delta] == outs[-1].outputs[0].token_ids
     assert "".join(o.outputs[0].text_delta for o in outs) == outs[-1].outputs[0].text
+
+
+def test_client_stats_snapshot_and_model_info(engine):
+    async def main():
+        eng = AsyncLLMEngine(engine, served_model_name="tiny")
+        before = eng.initial_stats()
+        eng.start()
+        stream = await eng.add_request("long", "Tell me everything", LONG)
+        await anext(stream)
+        stats, snap = await eng.stats(), await eng.kv_snapshot()
+        eng.abort("long")
+        after = await eng.stats()
+        await eng.stop()
+        return before, stats, snap, after, eng.model_info()
+
+    before, stats, snap, after, info = run(main())
+    assert before.kv.used_blocks == 0 and before.num_running == 0
+    assert stats.num_running == 1 and stats.kv.used_blocks > 0
+    assert [b.block_id for b in snap if b.owners == ["long"]] and len(snap) == stats.kv.total_blocks
+    assert after.kv.used_blocks == 0 and after.num_running == 0
+    assert (info.name, info.max_num_seqs, info.capacity_tokens) == ("tiny", 4, 128 * 4)
