@@ -19,7 +19,6 @@ one pool.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import threading
 import time
@@ -148,14 +147,6 @@ class _Call:
     future: asyncio.Future[object]
 
 
-def _tokenizer_copy(tokenizer):
-    """The event loop tokenizes while the engine thread decodes: give it its own."""
-    try:
-        return copy.deepcopy(tokenizer)
-    except Exception:  # a tokenizer that cannot be copied is shared (HF fast tokenizers are read-only here)
-        return tokenizer
-
-
 class AsyncLLMEngine(EngineClient):
     """Runs `engine` on a background thread. Every public method is called from the event loop."""
 
@@ -167,9 +158,8 @@ class AsyncLLMEngine(EngineClient):
         self.stream_interval = stream_interval
         self.max_in_flight = max_in_flight
         self.on_step = on_step
-        ip = engine.input_processor
-        self._input_processor = InputProcessor(_tokenizer_copy(ip.tokenizer), ip.vocab_size, ip.max_model_len,
-                                               ip.capacity_tokens, ip.eos_token_id, ip.model_name)
+        # The event loop tokenizes while the engine thread decodes: it gets its own tokenizer.
+        self._input_processor = engine.input_processor.copy_for_another_thread()
         self._model_info = engine.model_info(served_model_name)
         self._cond = threading.Condition()
         self._commands: list[_Add | _Abort | _Call] = []  # guarded by _cond

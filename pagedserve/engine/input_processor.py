@@ -5,6 +5,7 @@ names, so a client's 400 names the field it sent)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 from pagedserve.engine.core_messages import EngineCoreRequest
@@ -52,6 +53,16 @@ class InputProcessor:
         self.capacity_tokens = capacity_tokens
         self.eos_token_id = eos_token_id
         self.model_name = model_name
+
+    def copy_for_another_thread(self) -> InputProcessor:
+        """The same processor with its own tokenizer, for a thread that tokenizes while another one
+        decodes (a tokenizer that cannot be copied is shared: HF fast tokenizers are read-only here)."""
+        try:
+            tokenizer = copy.deepcopy(self.tokenizer)
+        except Exception:
+            tokenizer = self.tokenizer
+        return InputProcessor(tokenizer, self.vocab_size, self.max_model_len, self.capacity_tokens,
+                              self.eos_token_id, self.model_name)
 
     @property
     def limit(self) -> int:

@@ -73,7 +73,8 @@ class EngineClient(ABC):
 
     @abstractmethod
     def abort(self, request_id: str) -> None:
-        """Stop a request and free its blocks; its stream ends."""
+        """Stop a request and free its blocks; its stream ends. A request that has ended already (or was
+        never known) is ignored."""
 
     @abstractmethod
     async def stats(self) -> EngineStats: ...

@@ -55,6 +55,7 @@ class ModelRunner:
         scheduled = sched.scheduled
         order = self.backend.reorder_batch([s.num_new_tokens for s in scheduled])
         batch = [scheduled[i] for i in order]
+        query_lens = [s.num_new_tokens for s in batch]
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -74,7 +75,7 @@ class ModelRunner:
                 sampled.append(s)
         dev = self.device
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
-        common = CommonAttentionMetadata(slot_mapping, [s.num_new_tokens for s in batch], seq_lens,
+        common = CommonAttentionMetadata(slot_mapping, query_lens, seq_lens,
                                          [s.block_ids for s in batch], self.block_size, dev)
         meta = self.backend.build_metadata(common)  # once per step, not per layer
         return ModelInputs(torch.tensor(ids, dtype=torch.long, device=dev),

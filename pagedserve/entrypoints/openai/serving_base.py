@@ -69,9 +69,8 @@ class RequestGroup:
         self.streams = streams
 
     def abort(self) -> None:
-        for rid, stream in zip(self.request_ids, self.streams, strict=True):
-            if not getattr(stream, "finished", False):
-                self.engine.abort(rid)
+        for rid in self.request_ids:  # EngineClient.abort ignores requests that have already ended
+            self.engine.abort(rid)
 
     def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         return merge_streams(self.streams)
