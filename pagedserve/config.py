@@ -35,6 +35,8 @@ class CacheConfig:
     kv_cache_memory_gb: float = field(default=1.0, metadata=option("memory for the KV cache, GiB"))
     # Overrides the memory budget with an exact block count (tests use it to force preemption).
     num_blocks: int | None = field(default=None, metadata=option("exact KV block count (overrides the budget)"))
+    enable_prefix_caching: bool = field(default=True, metadata=option(
+        "reuse the KV blocks of a prompt prefix computed before (automatic prefix caching)"))
 
     def __post_init__(self) -> None:
         _require(isinstance(self.block_size, int) and 1 <= self.block_size <= 256,

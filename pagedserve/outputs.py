@@ -70,3 +70,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache (None until admitted)
+    # With SamplingParams.prompt_logprobs: per prompt token, its logprob dict (None for the first token).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

@@ -24,6 +24,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # per prompt token: its logprob and the top-N at its position
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -70,6 +71,8 @@ class SamplingParams:
               "stop_token_ids", "non-negative integers", self.stop_token_ids)
         check(self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
               "logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None", self.logprobs)
+        check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+              "prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None", self.prompt_logprobs)
 
     @property
     def greedy(self) -> bool:

@@ -1,6 +1,8 @@
 """`pagedserve bench ...`: registered into the main CLI through `register(subparsers)`.
 
     pagedserve bench --policy continuous,static --baseline hf --workload chapter --requests 100 --rate 2 --out DIR
+    pagedserve bench --policy continuous --workload prefix --prefix-tokens 1000 --requests 32 --rate 1 --prefix-caching on,off
+    pagedserve bench --policy continuous --workload chat --conversations 8 --turns 4 --rate 0.5 --prefix-caching on,off
     pagedserve bench serve --url http://127.0.0.1:8000 --workload DIR/workload.jsonl --label pagedserve --out DIR
     pagedserve bench workload --workload chapter --requests 100 --rate 2 --out workload.jsonl
     pagedserve bench report --inputs A B C --out DIR        (one report from several runs' results.json)
@@ -38,6 +40,25 @@ def _names(text: str) -> list[str]:
     return [] if text.strip().lower() in ("", "none") else [t.strip() for t in text.split(",") if t.strip()]
 
 
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
+
+
+def _switches(text: str) -> list[bool]:
+    """'on,off' → [True, False]: one engine system per setting."""
+    names = _names(text)
+    bad = [n for n in names if n.lower() not in _SWITCH]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"expected a comma list of on/off, got {text!r}")
+    return [_SWITCH[n.lower()] for n in names]
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
 def default_out_dir(prefix: str = "run") -> str:
     return f"bench-results/{prefix}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
@@ -45,18 +66,29 @@ def default_out_dir(prefix: str = "run") -> str:
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
     g.add_argument("--workload", default="chapter",
-                   help="'chapter' (the chapter's 8 request templates), a .jsonl workload file, or a ShareGPT .json")
+                   help="'chapter' (the chapter's 8 request templates), 'prefix' (one long shared system prompt + "
+                        "a distinct question each), 'chat' (multi-turn conversations resending their history), "
+                        "a .jsonl workload file, or a ShareGPT .json")
     g.add_argument("--requests", type=_positive_int, default=None,
-                   help="number of requests (chapter: default 100; files: the first N)")
+                   help="number of requests (chapter: default 100; prefix: 32; chat: conversations x turns; "
+                        "files: the first N)")
     g.add_argument("--rate", type=_rate, default=None,
-                   help="Poisson arrivals at this many requests/s; 'inf' = all at once "
-                        "(default: all at once for 'chapter', the file's own arrivals for a file)")
+                   help="Poisson arrivals at this many requests/s (chat: conversations started per second); "
+                        "'inf' = all at once (default: all at once for a generated workload, the file's own "
+                        "arrivals for a file)")
     g.add_argument("--concurrency", type=_positive_int, default=None,
                    help="closed loop: keep this many requests in flight instead of timed arrivals")
     g.add_argument("--seed", type=int, default=0, help="seed of the generator and of the arrival process")
     g.add_argument("--max-tokens-scale", type=float, default=1.0,
                    help="multiply every output length (e.g. 0.25 for a quick run; keeps the templates' proportions)")
     g.add_argument("--max-tokens-cap", type=_positive_int, default=None, help="cap every output length")
+    g.add_argument("--prefix-tokens", type=_positive_int, default=1000,
+                   help="prefix: tokens of the shared system prompt (by the model's tokenizer where there is one)")
+    g.add_argument("--conversations", type=_positive_int, default=None,
+                   help="chat: number of conversations (default: enough for --requests, else 8)")
+    g.add_argument("--turns", type=_positive_int, default=4, help="chat: turns per conversation")
+    g.add_argument("--think-time", type=_non_negative, default=5.0,
+                   help="chat: mean seconds between a turn's arrival and the next turn's (exponential, seeded)")
 
 
 def add_slo_args(p: argparse.ArgumentParser) -> None:
@@ -75,11 +107,13 @@ def slo_from_args(args: argparse.Namespace) -> SLO:
 
 def workload_from_args(args: argparse.Namespace, tokenizer=None) -> Workload:
     return load_workload(args.workload, args.requests, args.seed, args.rate, args.concurrency,
-                         args.max_tokens_scale, args.max_tokens_cap, tokenizer)
+                         args.max_tokens_scale, args.max_tokens_cap, tokenizer, prefix_tokens=args.prefix_tokens,
+                         conversations=args.conversations, turns=args.turns, think_time=args.think_time)
 
 
 def _tokenizer_for(args: argparse.Namespace, model: str | None):
-    """ShareGPT files need a tokenizer to turn replies into max_tokens; other workloads don't."""
+    """ShareGPT files need a tokenizer to turn replies into max_tokens, and prefix/chat to size their text in
+    tokens (they estimate without one); the chapter's workload and .jsonl files need none."""
     if args.workload == "chapter" or args.workload.endswith(".jsonl") or not model:
         return None
     from pagedserve.model.loader import load_tokenizer, resolve_model_path
@@ -104,6 +138,8 @@ def _command(args: argparse.Namespace) -> str:
         flag = "--" + dest.replace("_", "-")
         if value is True:
             parts.append(flag)
+        elif isinstance(value, list) and value and all(isinstance(v, bool) for v in value):  # --prefix-caching
+            parts += [flag, ",".join("on" if v else "off" for v in value)]
         elif isinstance(value, list):
             parts += [flag, *map(str, value)]
         else:
@@ -126,12 +162,15 @@ def cmd_offline(args: argparse.Namespace) -> int:
     from pagedserve.bench.report import terminal_summary
     from pagedserve.entrypoints.cli import engine_kwargs
 
+    options = engine_kwargs(args)
+    if args.prefix_caching is not None and "enable_prefix_caching" in options:
+        raise ValueError("give either --prefix-caching (one system per setting) or --[no-]enable-prefix-caching")
     wl = workload_from_args(args, _tokenizer_for(args, args.model))
     _print_workload(wl)
     out = args.out or default_out_dir("offline")
-    results = run_offline(wl, args.model, engine_kwargs(args), _names(args.policy), _names(args.baseline),
+    results = run_offline(wl, args.model, options, _names(args.policy), _names(args.baseline),
                           args.hf_batch_size, out, slo_from_args(args), progress=not args.no_progress,
-                          command=_command(args))
+                          command=_command(args), prefix_caching=args.prefix_caching or (None,))
     print(terminal_summary(results, out))
     return 0
 
@@ -200,6 +239,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", default="continuous,static", help="comma-separated batching policies to run")
     p.add_argument("--baseline", default="none", help="'hf' to add Hugging Face transformers generate, or 'none'")
     p.add_argument("--hf-batch-size", type=_positive_int, default=16, help="static batch size of the HF baseline")
+    p.add_argument("--prefix-caching", type=_switches, default=None,
+                   help="comma-separated prefix-caching settings, e.g. 'on,off': each policy runs once per setting, "
+                        "as systems pagedserve-<policy>-prefix-on/-off (default: one run, as the engine option says)")
     add_workload_args(p)
     add_slo_args(p)
     p.add_argument("--out", default=None, help="results folder (default bench-results/offline-<time>)")

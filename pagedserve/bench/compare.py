@@ -1,5 +1,6 @@
 """The headline: one system against each other system, as the chapter states it — throughput, mean
-and p95 latency, TTFT and total-time improvement in percent, and memory waste side by side.
+and p95 latency, TTFT and total-time improvement in percent, and memory waste (and the prefix-cache
+hit rate, where both report one) side by side in percentage points.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ class Row:
     target: float
     baseline: float
     higher_is_better: bool
-    # Percent improvement of target over baseline; waste is compared in percentage points instead.
+    # Percent improvement of target over baseline; rows in "%" (waste, hit rate) give percentage points.
     improvement: float
 
     def as_dict(self) -> dict:
@@ -42,6 +43,7 @@ def compare(target: dict, baseline: dict) -> list[Row]:
         _row("Mean latency (end-to-end)", "s", target["e2e"]["mean"], baseline["e2e"]["mean"], False),
         _row("P95 latency (end-to-end)", "s", target["e2e"]["p95"], baseline["e2e"]["p95"], False),
         _row("Mean time to first token", "s", target["ttft"]["mean"], baseline["ttft"]["mean"], False),
+        _row("P50 time to first token", "s", target["ttft"]["p50"], baseline["ttft"]["p50"], False),
         _row("P95 time to first token", "s", target["ttft"]["p95"], baseline["ttft"]["p95"], False),
         _row("Mean inter-token latency", "s", target["itl"]["mean"], baseline["itl"]["mean"], False),
         _row("Total time", "s", target["duration_s"], baseline["duration_s"], False),
@@ -53,6 +55,12 @@ def compare(target: dict, baseline: dict) -> list[Row]:
         rows.append(w)
         rows.append(_row("Peak KV blocks allocated", "blocks", ts["kv_peak_allocated_blocks"],
                          bs["kv_peak_allocated_blocks"], False))
+        rows.append(_row("Mean KV blocks allocated", "blocks", ts["kv_mean_allocated_blocks"],
+                         bs["kv_mean_allocated_blocks"], False))
+    th = (target.get("prefix_cache") or {}).get("hit_rate")
+    bh = (baseline.get("prefix_cache") or {}).get("hit_rate")
+    if th is not None and bh is not None:
+        rows.append(Row("Prefix-cache hit rate (prompt tokens)", "%", 100 * th, 100 * bh, True, 100 * (th - bh)))
     if "goodput" in target and "goodput" in baseline:
         rows.append(_row("Goodput (requests/s within SLO)", "req/s", target["goodput"]["requests_per_s"],
                          baseline["goodput"]["requests_per_s"], True))

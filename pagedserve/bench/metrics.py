@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pagedserve.bench import prefix_cache
 from pagedserve.bench.records import RequestRecord, RunResult, StepSample
 
 PERCENTILES = (50, 90, 95, 99)
@@ -121,10 +122,29 @@ def step_stats(steps: Sequence[StepSample]) -> dict[str, float]:
         "kv_mean_allocated_blocks": time_weighted(steps, lambda s: s.kv_allocated_slots / s.block_size),
         "kv_peak_allocated_blocks": max(s.kv_allocated_slots for s in steps) / steps[0].block_size,
         "kv_mean_filled_blocks": time_weighted(steps, lambda s: s.kv_filled_slots / s.block_size),
+        # Free blocks that still hold a cached prefix: reusable, but not in use (not in the above).
+        "kv_mean_cached_blocks": time_weighted(steps, lambda s: s.kv_cached_blocks),
+        "kv_peak_cached_blocks": max(s.kv_cached_blocks for s in steps),
         # Memory waste: share of allocated KV slots holding nothing, time-weighted over the run.
         "kv_waste": time_weighted(steps, lambda s: s.waste),
         "num_preempted": sum(s.num_preempted for s in steps),
     }
+
+
+def by_template(records: Sequence[RequestRecord]) -> dict[str, dict]:
+    """TTFT and the cached share of prompt tokens per template (per turn, for a chat workload), in
+    the order the templates first appear."""
+    groups: dict[str, list[RequestRecord]] = {}
+    for r in records:
+        groups.setdefault(r.template or "-", []).append(r)
+    out = {}
+    for name, rs in groups.items():
+        done = [r for r in rs if r.ok]
+        ttfts = [v for r in done if (v := ttft(r)) is not None]
+        out[name] = {"count": len(rs), "completed": len(done), "ttft_p50": percentile(ttfts, 50),
+                     "ttft_p95": percentile(ttfts, 95), "prompt_tokens_mean": mean([r.prompt_tokens or 0 for r in done]),
+                     "cached_share": prefix_cache.cached_share(rs)}
+    return out
 
 
 # --- a whole run ------------------------------------------------------------------------------------
@@ -154,6 +174,8 @@ def summarize(run: RunResult, slo: SLO | None = None) -> dict:
         "e2e": distribution([v for r in done if (v := e2e(r)) is not None]),
         "queue": distribution([v for r in done if (v := queue_time(r)) is not None]),
         "steps": step_stats(run.steps),
+        "prefix_cache": prefix_cache.summary(run),
+        "by_template": by_template(run.requests),
     }
     if slo is not None and slo.active:
         summary["goodput"] = goodput(run.requests, duration, slo)

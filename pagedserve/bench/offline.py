@@ -1,5 +1,6 @@
-"""The offline comparison: one workload through this engine under each policy (a fresh engine each,
-same options) and optionally through HF transformers, then one report for all of them.
+"""The offline comparison: one workload through this engine under each policy (and each prefix-caching
+setting asked for; a fresh engine each, same other options) and optionally through HF transformers,
+then one report for all of them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ from pagedserve.config import POLICIES
 BASELINES = ("hf",)
 
 
+def engine_system(policy: str, prefix_caching: bool | None = None) -> str:
+    """The system's name: pagedserve-<policy>, with -prefix-on/-off when the run compares settings."""
+    suffix = "" if prefix_caching is None else f"-prefix-{'on' if prefix_caching else 'off'}"
+    return f"pagedserve-{policy}{suffix}"
+
+
 def run_offline(workload: Workload, model: str, engine_options: dict, policies: Sequence[str] = ("continuous", "static"),
                 baselines: Sequence[str] = (), hf_batch_size: int = 16, out_dir: str | Path = "bench-results/latest",
-                slo: SLO | None = None, progress: bool = True, command: str | None = None) -> dict:
+                slo: SLO | None = None, progress: bool = True, command: str | None = None,
+                prefix_caching: Sequence[bool | None] = (None,)) -> dict:
     """Run every system on `workload` and write the report; returns the results dict (as in results.json).
+
+    Each policy runs once per `prefix_caching` setting (None: as `engine_options` say, unnamed).
 
     A system that fails is reported and skipped, so one broken baseline doesn't discard the others' runs.
     """
@@ -47,10 +57,15 @@ def run_offline(workload: Workload, model: str, engine_options: dict, policies: 
             traceback.print_exc()
             failures.append(f"{name}: {type(e).__name__}: {e}")
 
+    if not prefix_caching:
+        raise ValueError("prefix_caching: give at least one setting (None: the engine options' own)")
     for policy in policies:
         from pagedserve.bench.runners.engine import run_engine
 
-        attempt(f"pagedserve-{policy}", lambda p=policy: run_engine(workload, model, p, options, progress))
+        for caching in prefix_caching:
+            opts = options if caching is None else {**options, "enable_prefix_caching": caching}
+            name = engine_system(policy, caching)
+            attempt(name, lambda p=policy, o=opts, n=name: run_engine(workload, model, p, o, progress, system=n))
     if "hf" in baselines:
         from pagedserve.bench.runners.hf import run_hf
 

@@ -5,6 +5,7 @@ One function per figure; each takes the runs (and their summaries) and writes on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from pagedserve.bench import batch_gain, metrics
 from pagedserve.bench.records import RunResult
 
 PLOT_FILES = ("throughput.png", "latency_cdf.png", "ttft_over_time.png", "batch_size.png", "kv_blocks.png",
-              "fragmentation.png", "step_cost.png")
+              "fragmentation.png", "step_cost.png", "prefix_cache.png")
 
 
 def _figure(width: float = 10, height: float = 5) -> Figure:
@@ -131,6 +132,9 @@ def _draw_kv_blocks(ax: Axes, i: int, run: RunResult) -> None:
     ax.step(ts, alloc, where="post", color=_color(i), label="allocated (incl. reserved / padding)")
     ax.step(ts, filled, where="post", color="black", linewidth=1, label="holding live K/V")
     ax.fill_between(ts, filled, alloc, step="post", color=_color(i), alpha=0.25, label="allocated but empty")
+    if any(s.kv_cached_blocks for s in run.steps):
+        ax.step(ts, [s.kv_cached_blocks for s in run.steps], where="post", color="gray", linestyle=":",
+                label="free, still caching a prefix")
     ax.set_ylabel(f"blocks of {bs}")
 
 
@@ -206,6 +210,49 @@ def step_cost(runs: Sequence[RunResult], path: Path) -> None:
     fig.savefig(path)
 
 
+def _bars(ax: Axes, names: Sequence[str], values: Sequence[float | None], fmt: str, title: str, ylabel: str) -> None:
+    shown = [0.0 if v is None else v for v in values]
+    bars = ax.bar(range(len(names)), shown, color=[_color(i) for i in range(len(names))])
+    ax.bar_label(bars, labels=["–" if v is None else format(v, fmt) for v in values], fontsize=9)
+    ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=9)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def prefix_cache(runs: Sequence[RunResult], summaries: Sequence[dict], path: Path) -> None:
+    """Per system: hit rate, TTFT p50/p95 and KV blocks in use (peak/mean) — what a prefix cache buys."""
+    fig = _figure(15, 4.5)
+    hit_ax, ttft_ax, kv_ax = fig.subplots(1, 3)
+    names = [r.system for r in runs]
+    rates = [(s.get("prefix_cache") or {}).get("hit_rate") for s in summaries]
+    _bars(hit_ax, names, [None if r is None else 100 * r for r in rates], ".1f", "Prefix-cache hit rate",
+          "% of prompt tokens served from the cache")
+    hit_ax.set_ylim(0, 105)
+    x = range(len(names))
+    for offset, key, alpha in ((-0.2, "p50", 1.0), (0.2, "p95", 0.55)):
+        values = [1000 * v if math.isfinite(v := s["ttft"][key]) else 0.0 for s in summaries]
+        bars = ttft_ax.bar([i + offset for i in x], values, width=0.4, alpha=alpha, label=f"TTFT {key}",
+                           color=[_color(i) for i in x])
+        ttft_ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ttft_ax.set_xticks(list(x), names, rotation=15, ha="right", fontsize=9)
+    ttft_ax.set_title("Time to first token (p50, p95 pale)")
+    ttft_ax.set_ylabel("ms")
+    ttft_ax.grid(axis="y", alpha=0.3)
+    steps = [s.get("steps") or {} for s in summaries]
+    for offset, key, alpha, label in ((-0.2, "kv_peak_allocated_blocks", 1.0, "peak"),
+                                      (0.2, "kv_mean_allocated_blocks", 0.55, "mean")):
+        values = [st.get(key) or 0.0 for st in steps]
+        bars = kv_ax.bar([i + offset for i in x], values, width=0.4, alpha=alpha, label=label,
+                         color=[_color(i) for i in x])
+        kv_ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    kv_ax.set_xticks(list(x), names, rotation=15, ha="right", fontsize=9)
+    kv_ax.set_title("KV blocks in use (peak, mean pale)" + ("" if any(steps) else ": no per-step data"))
+    kv_ax.set_ylabel("blocks")
+    kv_ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path)
+
+
 def write_all(runs: Sequence[RunResult], summaries: Sequence[dict], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in PLOT_FILES]
@@ -216,4 +263,5 @@ def write_all(runs: Sequence[RunResult], summaries: Sequence[dict], out_dir: Pat
     kv_blocks(runs, paths[4])
     fragmentation(runs, summaries, paths[5])
     step_cost(runs, paths[6])
+    prefix_cache(runs, summaries, paths[7])
     return paths

@@ -21,6 +21,7 @@ class RequestRecord:
     finish: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    cached_tokens: int | None = None  # prompt tokens served from a prefix cache, where the system says
 
     @property
     def ok(self) -> bool:
@@ -42,6 +43,7 @@ class StepSample:
     block_size: int
     num_waiting: int = 0
     num_preempted: int = 0
+    kv_cached_blocks: int = 0  # free blocks still holding a cached prefix (not in use, not in allocated)
 
     @property
     def waste(self) -> float:
@@ -60,6 +62,8 @@ class RunResult:
     duration: float = 0.0  # run start → last request finished
     started_unix: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # Prefix-cache counters over the run, in prompt tokens: {"queries", "hits", "source"} (engine or /metrics).
+    prefix_cache: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -72,4 +76,4 @@ class RunResult:
         steps = [StepSample(**{k: v for k, v in s.items() if k in sknown}) for s in d.get("steps", [])]
         return cls(system=d["system"], kind=d["kind"], config=d.get("config", {}), requests=reqs, steps=steps,
                    duration=d.get("duration", 0.0), started_unix=d.get("started_unix", 0.0),
-                   notes=list(d.get("notes", [])))
+                   notes=list(d.get("notes", [])), prefix_cache=d.get("prefix_cache"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.bench import batch_gain, compare, metrics, plots
+from pagedserve.bench import batch_gain, compare, metrics, plots, prefix_cache
 from pagedserve.bench.records import RunResult
 from pagedserve.bench.workloads import Workload, WorkloadRequest
 
@@ -56,9 +56,10 @@ def _pct(v) -> str:
 def _row_text(r: dict) -> tuple[str, str, str, str]:
     r = {k: (math.nan if v is None else v) for k, v in r.items()}  # rows read back from JSON hold None for NaN
     unit = r["unit"]
-    if unit == "%":
+    if unit == "%":  # compared in percentage points: waste saved, or hit rate gained
         t, b = f"{r['target']:.1f}%", f"{r['baseline']:.1f}%"
-        change = "–" if not math.isfinite(r["improvement"]) else f"{r['improvement']:+.1f} pp less waste"
+        pp = r["improvement"]
+        change = "–" if not math.isfinite(pp) else f"{pp:+.1f} pp" + ("" if r.get("higher_is_better") else " less waste")
         return r["metric"], t, b, change
     if unit == "s" and max(abs(r["target"]), abs(r["baseline"])) < 1:
         t, b = f"{_ms(r['target'])} ms", f"{_ms(r['baseline'])} ms"
@@ -128,6 +129,43 @@ def steps_table(summaries: Sequence[dict]) -> str:
                    "KV live blocks (mean)", "KV alloc peak", "memory waste", "preemptions"], rows)
 
 
+def _hit_rate(s: dict) -> str:
+    rate = (s.get("prefix_cache") or {}).get("hit_rate")
+    return "–" if rate is None else f"{100 * rate:.1f}%"
+
+
+def prefix_cache_table(summaries: Sequence[dict]) -> str:
+    rows = []
+    for s in summaries:
+        pc, st = s.get("prefix_cache") or {}, s.get("steps") or {}
+        tokens = "–" if pc.get("queries") is None else f"{pc['hits']} / {pc['queries']}"
+        rows.append([s["system"], prefix_cache.setting_label(pc.get("enabled")), _hit_rate(s), tokens,
+                     pc.get("source", prefix_cache.NOT_REPORTED), _ms(s["ttft"]["p50"]), _ms(s["ttft"]["p95"]),
+                     _num(s["output_throughput"], ".1f"), _num(s["request_throughput"], ".3f"),
+                     _num(st.get("kv_peak_allocated_blocks"), ".0f"), _num(st.get("kv_mean_allocated_blocks"), ".1f"),
+                     _num(st.get("kv_peak_cached_blocks"), ".0f")])
+    return _table(["system", "prefix caching", "hit rate", "cached / prompt tokens", "counted from", "TTFT p50 ms",
+                   "TTFT p95 ms", "out tok/s", "req/s", "KV blocks in use (peak)", "KV blocks in use (mean)",
+                   "cached free blocks (peak)"], rows)
+
+
+def turns_table(summaries: Sequence[dict]) -> str | None:
+    """TTFT p50 per turn of a chat workload (and the share of its prompt tokens that were cached)."""
+    names = list(dict.fromkeys(t for s in summaries for t in (s.get("by_template") or {})))
+    if not names:
+        return None
+    rows = []
+    for s in summaries:
+        cells = [s["system"]]
+        for name in names:
+            d = (s.get("by_template") or {}).get(name)
+            share = None if d is None else d.get("cached_share")
+            cell = "–" if d is None else f"{_ms(d['ttft_p50'])} ms"
+            cells.append(cell if share is None else f"{cell} ({100 * share:.0f}% cached)")
+        rows.append(cells)
+    return _table(["system"] + names, rows)
+
+
 def goodput_table(summaries: Sequence[dict]) -> str | None:
     rows = [[s["system"], _num(s["goodput"]["requests_per_s"], ".3f"), f"{100 * s['goodput']['fraction']:.1f}%"]
             for s in summaries if "goodput" in s]
@@ -145,6 +183,15 @@ def workload_markdown(desc: dict) -> str:
     if desc.get("max_tokens_scale", 1.0) != 1.0 or desc.get("max_tokens_cap"):
         lines.append(f"- output lengths scaled by {desc.get('max_tokens_scale')} "
                      f"(cap {desc.get('max_tokens_cap')}) from the chapter's ranges")
+    if desc.get("generator") == "prefix":
+        lines.append(f"- every prompt starts with the same system prompt of {desc.get('prefix_token_count')} tokens "
+                     f"({desc.get('token_counts')}; text from {desc.get('text_source')}), then its own question")
+    if desc.get("generator") == "chat":
+        lines.append(f"- {desc.get('conversations')} conversations of up to {desc.get('turns')} turns; each turn "
+                     "resends the whole history (fixed assistant replies, text from "
+                     f"{desc.get('text_source')}); the next turn arrives a think time (mean "
+                     f"{desc.get('think_time_s')} s) after the previous one; arrivals above time the "
+                     "conversations' starts")
     if desc.get("templates"):
         lines.append("- templates: " + ", ".join(f"{k} ×{v}" for k, v in sorted(desc["templates"].items())))
     return "\n".join(lines)
@@ -161,15 +208,24 @@ METHOD = """\
   Under the static policy the KV for prompt + max_tokens is reserved at admission, so reservation
   counts as waste; for HF `generate` the dense cache's padding and finished rows do.
 - Each pagedserve policy runs on a freshly built engine with identical options; HF runs on the same
-  weights. The runs are sequential on one machine: compare ratios, not absolute numbers."""
+  weights. The runs are sequential on one machine: compare ratios, not absolute numbers.
+- Prefix-cache hit rate = prompt tokens served from the cache / prompt tokens of admitted requests,
+  over the run (the engine's counters; over HTTP the responses' cached_tokens or the server's
+  /metrics). KV blocks in use exclude free blocks that merely still hold a cached prefix."""
 
 
 def policy_gain(runs: Sequence[RunResult]) -> batch_gain.BatchingGain | None:
-    """Continuous vs static decode costs, when both engine policies ran with the same seats."""
-    by_policy = {r.system.removeprefix("pagedserve-"): r for r in runs if r.kind == "engine"}
-    static, continuous = by_policy.get("static"), by_policy.get("continuous")
-    if static is None or continuous is None:
+    """Continuous vs static decode costs, when both engine policies ran with the same seats (and the
+    same other settings: of several prefix-caching settings, the first that ran under both)."""
+    by_setting: dict[str, dict[str, RunResult]] = {}
+    for r in runs:
+        if r.kind == "engine":
+            policy, _, rest = r.system.removeprefix("pagedserve-").partition("-")
+            by_setting.setdefault(rest, {})[policy] = r
+    pair = next((p for p in by_setting.values() if "static" in p and "continuous" in p), None)
+    if pair is None:
         return None
+    static, continuous = pair["static"], pair["continuous"]
     seats = {r.config.get("engine", {}).get("scheduler", {}).get("max_num_seqs") for r in (static, continuous)}
     if len(seats) != 1 or None in seats:
         return None
@@ -200,6 +256,9 @@ def write_markdown(path: Path, meta: dict, workload_desc: dict, summaries: list[
         slo = next(s["slo"] for s in summaries if "slo" in s)
         parts += ["## Goodput", "", f"SLO: TTFT ≤ {slo['ttft_s']} s, mean ITL ≤ {slo['itl_s']} s, "
                   f"E2E ≤ {slo['e2e_s']} s (None = unconstrained)", "", gp, ""]
+    parts += ["## Prefix cache", "", prefix_cache_table(summaries), ""]
+    if workload_desc.get("conversations") and (turns := turns_table(summaries)):
+        parts += ["### Time to first token by turn (p50)", "", turns, ""]
     parts += ["## Steps and KV cache", "", steps_table(summaries), ""]
     if gain is not None:
         parts += ["## What batching can gain on this machine", "", batch_gain.markdown(gain), ""]
@@ -251,7 +310,7 @@ def load_results(path: str | Path) -> tuple[Workload, list[RunResult]]:
 
 def workload_from_json(section: dict) -> Workload:
     keys = ("name", "num_requests", "arrival", "rate", "concurrency", "seed", "requests", "fingerprint", "templates",
-            "max_tokens", "prompt_words", "duration_of_arrivals_s")
+            "max_tokens", "prompt_words", "duration_of_arrivals_s", "conversations")
     reqs = [WorkloadRequest.from_json(d, i) for i, d in enumerate(section["requests"], 1)]
     return Workload(section.get("name", "workload"), reqs, rate=section.get("rate"),
                     concurrency=section.get("concurrency"), seed=section.get("seed"),
@@ -260,17 +319,21 @@ def workload_from_json(section: dict) -> Workload:
 
 def terminal_summary(results: dict, out_dir: str | Path) -> str:
     """One screen: a line per system, the first headline comparison, and where the report is."""
-    lines = [f"{'system':<28} {'done':>7} {'time s':>7} {'out tok/s':>10} {'TTFT p50/p95 ms':>17} "
-             f"{'ITL p50/p95 ms':>16} {'E2E p50/p95 s':>15} {'KV waste':>9}"]
+    w = max([28] + [len(e["summary"]["system"]) for e in results["systems"]])
+    lines = [f"{'system':<{w}} {'done':>7} {'time s':>7} {'out tok/s':>10} {'req/s':>7} {'TTFT p50/p95 ms':>17} "
+             f"{'ITL p50/p95 ms':>16} {'E2E p50/p95 s':>15} {'KV waste':>9} {'KV use pk/mean':>15} {'prefix hit':>10}"]
     for entry in results["systems"]:
         s = entry["summary"]
         st = s.get("steps") or {}
         waste = f"{100 * st['kv_waste']:.1f}%" if st.get("kv_waste") is not None else "–"
-        lines.append(f"{s['system']:<28} {s['completed']:>3}/{s['requests']:<3} {_num(s['duration_s'], '.1f'):>7} "
-                     f"{_num(s['output_throughput'], '.1f'):>10} "
+        kv = (f"{_num(st['kv_peak_allocated_blocks'], '.0f')}/{_num(st['kv_mean_allocated_blocks'], '.1f')}"
+              if st.get("kv_peak_allocated_blocks") is not None else "–")
+        lines.append(f"{s['system']:<{w}} {s['completed']:>3}/{s['requests']:<3} {_num(s['duration_s'], '.1f'):>7} "
+                     f"{_num(s['output_throughput'], '.1f'):>10} {_num(s['request_throughput'], '.2f'):>7} "
                      f"{_ms(s['ttft']['p50']) + '/' + _ms(s['ttft']['p95']):>17} "
                      f"{_ms(s['itl']['p50']) + '/' + _ms(s['itl']['p95']):>16} "
-                     f"{_num(s['e2e']['p50']) + '/' + _num(s['e2e']['p95']):>15} {waste:>9}")
+                     f"{_num(s['e2e']['p50']) + '/' + _num(s['e2e']['p95']):>15} {waste:>9} {kv:>15} "
+                     f"{_hit_rate(s):>10}")
     for h in results["headline"][:2]:
         lines += ["", f"{h['target']} vs {h['baseline']}:"]
         for r in h["rows"]:

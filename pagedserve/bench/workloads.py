@@ -1,6 +1,7 @@
 """Workloads: a list of requests (prompt, max_tokens, sampling, arrival offset) that every system gets
-identically. Made by the chapter's template generator or read from a ShareGPT file; saved and loaded
-as JSONL (one header line, then one request per line).
+identically. Made by a generator (the chapter's templates; `prefix`: one long shared system prompt;
+`chat`: multi-turn conversations) or read from a ShareGPT file; saved and loaded as JSONL (one header
+line, then one request per line).
 """
 
 from __future__ import annotations
@@ -29,12 +30,19 @@ class WorkloadRequest:
     top_p: float = 1.0
     ignore_eos: bool = True
     seed: int | None = None
+    # Multi-turn workloads: the conversation this request belongs to and its turn there (0-based);
+    # re-timing keeps a conversation's turns in order and their gaps (the think times).
+    conversation: str | None = None
+    turn: int | None = None
 
     def to_json(self) -> dict:
-        return {"id": self.request_id, "prompt": self.prompt, "max_tokens": self.max_tokens,
-                "sampling": {"temperature": self.temperature, "top_p": self.top_p,
-                             "ignore_eos": self.ignore_eos, "seed": self.seed},
-                "arrival_offset": self.arrival_offset, "template": self.template}
+        d = {"id": self.request_id, "prompt": self.prompt, "max_tokens": self.max_tokens,
+             "sampling": {"temperature": self.temperature, "top_p": self.top_p,
+                          "ignore_eos": self.ignore_eos, "seed": self.seed},
+             "arrival_offset": self.arrival_offset, "template": self.template}
+        if self.conversation is not None:  # only then: single-turn workloads keep their fingerprints
+            d.update(conversation=self.conversation, turn=self.turn)
+        return d
 
     @classmethod
     def from_json(cls, d: dict, index: int) -> WorkloadRequest:
@@ -46,7 +54,9 @@ class WorkloadRequest:
         return cls(request_id=str(d.get("id", f"req-{index:05d}")), prompt=d["prompt"], max_tokens=d["max_tokens"],
                    arrival_offset=float(d.get("arrival_offset", 0.0)), template=d.get("template"),
                    temperature=float(s.get("temperature", 0.0)), top_p=float(s.get("top_p", 1.0)),
-                   ignore_eos=bool(s.get("ignore_eos", True)), seed=s.get("seed"))
+                   ignore_eos=bool(s.get("ignore_eos", True)), seed=s.get("seed"),
+                   conversation=None if d.get("conversation") is None else str(d["conversation"]),
+                   turn=None if d.get("turn") is None else int(d["turn"]))
 
 
 @dataclass
@@ -79,7 +89,9 @@ class Workload:
         """Counts and length statistics for the report."""
         outs = [r.max_tokens for r in self.requests]
         words = [len(r.prompt.split()) for r in self.requests]
-        return {**self.header(), "fingerprint": self.fingerprint(),
+        convs = {r.conversation for r in self.requests if r.conversation is not None}
+        extra = {"conversations": len(convs)} if convs else {}
+        return {**self.header(), **extra, "fingerprint": self.fingerprint(),
                 "templates": dict(Counter(r.template or "-" for r in self.requests)),
                 "max_tokens": {"min": min(outs), "mean": sum(outs) / len(outs), "max": max(outs), "total": sum(outs)},
                 "prompt_words": {"min": min(words), "mean": sum(words) / len(words), "max": max(words)},
@@ -87,14 +99,28 @@ class Workload:
 
     def with_arrivals(self, rate: float | None = None, concurrency: int | None = None,
                       seed: int | None = None) -> Workload:
-        """Re-time the requests: Poisson at `rate`, all at once (rate None/inf), or a closed loop."""
+        """Re-time the requests: Poisson at `rate`, all at once (rate None/inf), or a closed loop.
+
+        A conversation's turns move together: its start is what gets re-timed (so `rate` counts
+        conversations per second), and each later turn keeps its gap after the first one.
+        """
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        n = len(self.requests)
+        if concurrency and any(r.turn for r in self.requests):
+            raise ValueError("a multi-turn workload is timed by its think times; a closed loop would send "
+                             "one conversation's turns at the same time (use --rate instead of --concurrency)")
+        groups: dict[object, list[int]] = {}  # conversation (or the request alone) → its request indices
+        for i, r in enumerate(self.requests):
+            groups.setdefault(("conv", r.conversation) if r.conversation is not None else ("req", i), []).append(i)
         if concurrency or rate is None or math.isinf(rate):
-            offsets = arrivals.all_at_once(n)
+            starts = arrivals.all_at_once(len(groups))
         else:
-            offsets = arrivals.poisson(n, rate, self.seed if seed is None else seed)
+            starts = arrivals.poisson(len(groups), rate, self.seed if seed is None else seed)
+        offsets = [0.0] * len(self.requests)
+        for start, members in zip(starts, groups.values(), strict=True):
+            first = min(self.requests[i].arrival_offset for i in members)
+            for i in members:
+                offsets[i] = start + self.requests[i].arrival_offset - first
         reqs = [replace(r, arrival_offset=t) for r, t in zip(self.requests, offsets, strict=True)]
         return replace(self, requests=reqs, rate=None if concurrency else rate, concurrency=concurrency)
 
@@ -187,18 +213,29 @@ def load_sharegpt(path: str | Path, num_requests: int, seed: int = 0, tokenizer=
     return Workload("sharegpt", requests, seed=seed, meta={"source": str(path)})
 
 
+GENERATED = ("chapter", "prefix", "chat")
+
+
 def load_workload(spec: str, num_requests: int | None = None, seed: int = 0, rate: float | None = None,
                   concurrency: int | None = None, max_tokens_scale: float = 1.0, max_tokens_cap: int | None = None,
-                  tokenizer=None) -> Workload:
-    """`chapter` (generated), a .jsonl workload file, or a ShareGPT .json file.
+                  tokenizer=None, **generator_options) -> Workload:
+    """A generated workload (`chapter`, `prefix`, `chat`), a .jsonl workload file, or a ShareGPT .json file.
 
     For files, `rate`/`concurrency` re-time the requests only when given; `num_requests` keeps the first N.
+    `generator_options` go to the prefix/chat generators (prefix_tokens; conversations, turns, think_time).
     """
     if spec == "chapter":
         return chapter_workload(num_requests or 100, seed, rate, concurrency, max_tokens_scale, max_tokens_cap)
+    if spec in ("prefix", "chat"):
+        from pagedserve.bench import shared_prefix  # imports this module
+
+        make = shared_prefix.prefix_workload if spec == "prefix" else shared_prefix.chat_workload
+        opts = {k: v for k, v in generator_options.items() if k in shared_prefix.OPTIONS[spec] and v is not None}
+        return make(num_requests=num_requests, seed=seed, rate=rate, concurrency=concurrency,
+                    max_tokens_scale=max_tokens_scale, max_tokens_cap=max_tokens_cap, tokenizer=tokenizer, **opts)
     path = Path(spec)
     if not path.is_file():
-        raise FileNotFoundError(f"workload {spec!r}: not 'chapter' and no such file")
+        raise FileNotFoundError(f"workload {spec!r}: not one of {GENERATED} and no such file")
     if path.suffix == ".jsonl":
         wl = load_jsonl(path)
     else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockPool
+from pagedserve.core.prefix_cache import PrefixCacheStats, extend_block_hashes
 from pagedserve.core.request import Request
 
 
@@ -16,10 +17,13 @@ from pagedserve.core.request import Request
 class KVCacheStats:
     total_blocks: int
     used_blocks: int
-    free_blocks: int
+    free_blocks: int  # cached-but-free blocks included: any of them can be handed out
     block_size: int
     used_slots: int  # slots holding (or about to hold) a token's K/V
     active_requests: int
+    cached_blocks: int = 0  # free blocks that still hold a cached prefix
+    prefix_cache_queries: int = 0  # since the start, in tokens (see prefix_cache.PrefixCacheStats)
+    prefix_cache_hits: int = 0
 
     @property
     def utilization(self) -> float:
@@ -35,10 +39,16 @@ class KVCacheStats:
         alloc = self.allocated_slots
         return (alloc - self.used_slots) / alloc if alloc else 0.0
 
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
     def as_dict(self) -> dict[str, float]:
         return {"total_blocks": self.total_blocks, "used_blocks": self.used_blocks,
                 "free_blocks": self.free_blocks, "utilization": self.utilization,
-                "fragmentation": self.fragmentation, "active_requests": self.active_requests}
+                "fragmentation": self.fragmentation, "active_requests": self.active_requests,
+                "cached_blocks": self.cached_blocks, "prefix_cache_queries": self.prefix_cache_queries,
+                "prefix_cache_hits": self.prefix_cache_hits, "prefix_cache_hit_rate": self.prefix_cache_hit_rate}
 
 
 @dataclass
@@ -49,72 +59,133 @@ class BlockInfo:
     ref_count: int
     owners: list[str]  # request ids whose table holds it
     num_tokens: int  # slots of it that hold (or are about to hold) a token, per its first owner
-    state: str  # "used" | "free"
+    state: str  # "used" | "cached" (free, still a prefix-cache hit) | "free"
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
         self.block_size = block_size
+        self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks)
         self.block_tables: dict[str, list[int]] = {}
         self._used_slots: dict[str, int] = {}
+        self.prefix_stats = PrefixCacheStats()
+        # Copy-on-write copies (source block, destination block) the next forward must do first.
+        self._pending_copies: list[tuple[int, int]] = []
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     def get_computed_blocks(self, request: Request) -> tuple[list[int], int]:
-        """Blocks already holding a prefix of the request's tokens, and how many tokens they cover.
+        """The longest run of cached blocks holding a prefix of the request's tokens, and the tokens
+        they cover. Capped one token short of the request's end: its last token is always computed,
+        since its logits are what the next token is sampled from. Changes nothing."""
+        if not self.enable_caching or request.skip_prefix_cache:
+            return [], 0
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
+        hits = []
+        for block_hash in request.block_hashes[:(request.num_tokens - 1) // self.block_size]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
 
-        Nothing is cached across requests yet (prefix caching plugs in here), so a request always
-        starts from no computed tokens.
-        """
-        return [], 0
-
-    def allocate_slots(self, request: Request, num_new_tokens: int, num_lookahead_tokens: int = 0) -> bool:
+    def allocate_slots(self, request: Request, num_new_tokens: int, num_lookahead_tokens: int = 0,
+                       new_computed_blocks: list[int] | None = None) -> bool:
         """Make the request's table cover its computed tokens, `num_new_tokens` more, and
         `num_lookahead_tokens` slots beyond them (speculative tokens, or the static policy's reservation
         of prompt + max_tokens). The new tokens count as used slots; lookahead slots do not.
 
-        All or nothing: returns False and changes nothing when the pool is short.
+        At admission, `new_computed_blocks` are the cache hits `get_computed_blocks` found: they start
+        the table (the caller counts their tokens as computed once this succeeds). A shared block the
+        new tokens would write into is copied first (copy on write). All or nothing: returns False and
+        changes nothing when the pool is short.
         """
-        rid = request.request_id
-        num_tokens = request.num_computed_tokens + num_new_tokens
+        rid, bs = request.request_id, self.block_size
+        hits = new_computed_blocks or []
         table = self.block_tables.get(rid, [])
-        need = self.blocks_needed(num_tokens + num_lookahead_tokens) - len(table)
-        if need > self.pool.num_free:
+        assert not (hits and table), "cache hits are taken only at admission"
+        first = request.num_computed_tokens + len(hits) * bs  # first slot written this step
+        num_tokens = first + num_new_tokens
+        write_block = first // bs
+        cow = (num_new_tokens > 0 and write_block < len(table) and self.pool.ref_counts[table[write_block]] > 1)
+        need = self.blocks_needed(num_tokens + num_lookahead_tokens) - len(table) - len(hits)
+        revived = sum(1 for b in hits if self.pool.ref_counts[b] == 0)  # they leave the free queue
+        if max(need, 0) + cow + revived > self.pool.num_free:
             return False
+        if hits:
+            self.pool.touch(hits)
+            table = list(hits)
+        if cow:  # this sequence gets its own copy; the others keep reading the original
+            shared = table[write_block]
+            (private,) = self.pool.allocate(1)
+            self._pending_copies.append((shared, private))
+            self.pool.free([shared])
+            table = table[:write_block] + [private] + table[write_block + 1:]
         if need > 0:
             table = table + self.pool.allocate(need)
         self.block_tables[rid] = table
         self._used_slots[rid] = num_tokens
         return True
 
+    def cache_computed_blocks(self, request: Request) -> None:
+        """After a step: name the request's full blocks whose K/V are now computed, so later requests
+        can hit them. Only computed blocks: a block is never a hit before its contents exist."""
+        if not self.enable_caching:
+            return
+        table = self.block_tables.get(request.request_id)
+        if not table:
+            return
+        num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
+        if num_full == 0 or (len(request.block_hashes) >= num_full
+                             and self.pool.block_hashes[table[num_full - 1]] is not None):
+            return
+        extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
+        for block, block_hash in zip(table[:num_full], request.block_hashes[:num_full], strict=True):
+            self.pool.cache_block(block, block_hash)
+
+    def record_prefix_query(self, request: Request, num_hit_tokens: int) -> None:
+        """Count an admission's lookup (once it succeeded; a retry next step is not a new query)."""
+        if self.enable_caching and not request.skip_prefix_cache:
+            self.prefix_stats.record(request.num_tokens, num_hit_tokens)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
     def fork(self, parent: Request, child: Request) -> int:
-        """Give `child` the parent's full blocks, shared (one more reference each); returns the tokens
-        they cover, which the child need not compute. A partly filled last block is not shared: the
-        child writes its own copy of those tokens, so no block is ever written by two sequences."""
-        full = self._used_slots.get(parent.request_id, 0) // self.block_size
-        shared = self.block_tables.get(parent.request_id, [])[:full]
+        """Give `child` the parent's whole table, shared (one more reference per block), and return the
+        tokens it covers, which the child need not compute. The partly filled last block is shared too:
+        whichever sequence writes into it first while it is shared gets its own copy (copy on write)."""
+        table = self.block_tables.get(parent.request_id, [])
         assert child.request_id not in self.block_tables, f"{child.request_id} already holds blocks"
-        self.pool.incref(shared)
-        self.block_tables[child.request_id] = list(shared)
-        self._used_slots[child.request_id] = full * self.block_size
-        return full * self.block_size
+        self.pool.incref(table)
+        self.block_tables[child.request_id] = list(table)
+        computed = parent.num_computed_tokens
+        self._used_slots[child.request_id] = computed
+        return computed
 
     def free(self, request: Request) -> None:
         table = self.block_tables.pop(request.request_id, None)
         self._used_slots.pop(request.request_id, None)
         if table:
-            self.pool.free(table)
+            self.pool.free(table[::-1])
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
 
     def get_block_ids(self, request: Request) -> list[int]:
         return self.block_tables[request.request_id]
 
     def stats(self) -> KVCacheStats:
         free = self.pool.num_free
+        ps = self.prefix_stats
         return KVCacheStats(total_blocks=self.pool.num_blocks, used_blocks=self.pool.num_blocks - free,
                             free_blocks=free, block_size=self.block_size,
-                            used_slots=sum(self._used_slots.values()), active_requests=len(self.block_tables))
+                            used_slots=sum(self._used_slots.values()), active_requests=len(self.block_tables),
+                            cached_blocks=self.pool.num_cached_free, prefix_cache_queries=ps.queries,
+                            prefix_cache_hits=ps.hits)
 
     def snapshot(self) -> list[BlockInfo]:
         """Every physical block: who holds it, its reference count, how full it is."""
@@ -126,6 +197,7 @@ class KVCacheManager:
             for i, block in enumerate(table):
                 owners.setdefault(block, []).append(rid)
                 fill.setdefault(block, max(0, min(bs, used - i * bs)))
-        refs = self.pool.ref_counts
-        return [BlockInfo(b, refs[b], owners.get(b, []), fill.get(b, 0), "used" if refs[b] else "free")
-                for b in range(self.pool.num_blocks)]
+        pool = self.pool
+        return [BlockInfo(b, pool.ref_counts[b], owners.get(b, []), fill.get(b, bs if pool.block_hashes[b] else 0),
+                          "used" if pool.ref_counts[b] else ("cached" if pool.block_hashes[b] else "free"))
+                for b in range(pool.num_blocks)]

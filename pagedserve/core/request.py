@@ -32,7 +32,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_id: int | None = None, arrival_time: float | None = None,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, cache_salt: str | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -48,6 +48,10 @@ class Request:
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        self.cache_salt = cache_salt
+        self.block_hashes: list[bytes] = []  # of its full blocks, filled in by the KV manager
+        self.num_cached_tokens: int | None = None  # prompt tokens its first admission found cached
+        self.prompt_logprobs: list = []  # RawLogprobs of prompt tokens 1.., gathered chunk by chunk
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -77,6 +81,12 @@ class Request:
     def max_total_tokens(self) -> int:
         """Tokens this request may hold in the KV cache at most (prompt + max_tokens)."""
         return self.num_prompt_tokens + (self.params.max_tokens or 0)
+
+    @property
+    def skip_prefix_cache(self) -> bool:
+        """Prompt logprobs need every prompt position's logits, so such a request computes its whole
+        prompt instead of taking cache hits (its computed blocks are still offered to others)."""
+        return self.params.prompt_logprobs is not None
 
     @property
     def is_finished(self) -> bool:

@@ -268,6 +268,9 @@ class AsyncLLMEngine(EngineClient):
     async def kv_snapshot(self) -> list[BlockInfo]:
         return await self.call(lambda e: e.kv_snapshot())
 
+    async def reset_prefix_cache(self) -> bool:
+        return await self.call(lambda e: e.reset_prefix_cache())
+
     def initial_stats(self) -> EngineStats:
         """Figures before the loop starts (read on the caller's thread: nothing runs yet)."""
         assert self._thread is None, "the loop runs: use `await stats()`"

@@ -67,7 +67,7 @@ class EngineCore:
         cc = config.cache
         block_bytes = kv_block_bytes(cfg, cc.block_size, config.torch_dtype)
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30 // block_bytes))
-        self.kv = KVCacheManager(num_blocks, cc.block_size)
+        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, cfg, num_blocks, cc.block_size, config.torch_dtype,
                                   torch.device(config.device))
@@ -80,11 +80,17 @@ class EngineCore:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(Request(request.request_id, request.prompt_token_ids, request.params,
-                                           request.eos_token_id, request.arrival_time, request.seed))
+                                           request.eos_token_id, request.arrival_time, request.seed,
+                                           request.cache_salt), fork_of=request.fork_of)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
         """Finish them now and free their blocks; returns the ids that were still in the core."""
         return self.scheduler.abort_requests(request_ids)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's reset_prefix_cache): False while requests still hold
+        blocks, as the cache then cannot be emptied."""
+        return self.scheduler.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()

@@ -25,6 +25,10 @@ class EngineCoreRequest:
     eos_token_id: int | None
     arrival_time: float
     seed: int | None = None
+    cache_salt: str | None = None  # only requests with the same salt share cached prefix blocks
+    # n > 1: the sibling whose prompt this sequence shares (the core forks it from that one's blocks
+    # once its prompt is computed, instead of computing the prompt again).
+    fork_of: str | None = None
 
 
 @dataclass
@@ -36,6 +40,8 @@ class EngineCoreOutput:
     stop_reason: int | None = None  # the stop token id that ended it (None for EOS / length)
     first_scheduled_time: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int | None = None  # on the first output: prompt tokens served from the prefix cache
+    prompt_logprobs: list[RawLogprob] | None = None  # on the first output: prompt tokens 1.. (when asked)
 
     @property
     def finished(self) -> bool:

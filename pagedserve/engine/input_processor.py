@@ -34,14 +34,17 @@ class EngineInput:
     params: SamplingParams  # max_tokens filled in
     arrival_time: float
     eos_token_id: int | None
+    cache_salt: str | None = None
 
     def core_requests(self) -> list[EngineCoreRequest]:
-        """n > 1 becomes n sequences `id#i`, seeded seed + i."""
+        """n > 1 becomes n sequences `id#i`, seeded seed + i; all but the first fork from the first's
+        prompt blocks."""
         n = self.params.n
-        return [EngineCoreRequest(self.request_id if n == 1 else f"{self.request_id}#{i}", self.prompt_token_ids,
-                                  self.params, self.eos_token_id, self.arrival_time,
-                                  None if self.params.seed is None else self.params.seed + i)
-                for i in range(n)]
+        ids = [self.request_id] if n == 1 else [f"{self.request_id}#{i}" for i in range(n)]
+        return [EngineCoreRequest(rid, self.prompt_token_ids, self.params, self.eos_token_id, self.arrival_time,
+                                  None if self.params.seed is None else self.params.seed + i, self.cache_salt,
+                                  ids[0] if i else None)
+                for i, rid in enumerate(ids)]
 
 
 class InputProcessor:
@@ -133,13 +136,21 @@ class InputProcessor:
         if not isinstance(params, SamplingParams):
             raise InputError("sampling_params must be a SamplingParams", "sampling_params")
         text, ids = self.tokenize_prompt(prompt)
-        return self.process_tokens(request_id, text, ids, params, arrival_time, prompt_field, max_tokens_field)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        return self.process_tokens(request_id, text, ids, params, arrival_time, prompt_field, max_tokens_field,
+                                   cache_salt=salt)
 
     def process_tokens(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
                        arrival_time: float, prompt_field: str = "prompt",
-                       max_tokens_field: str = "max_tokens") -> EngineInput:
+                       max_tokens_field: str = "max_tokens", cache_salt: str | None = None) -> EngineInput:
         """For token ids the caller has already checked (the server's own tokenization)."""
         self.check_length(len(ids), params.max_tokens, prompt_field, max_tokens_field)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InputError("cache_salt must be a non-empty string", "cache_salt")
         if params.max_tokens is None:  # as much as fits
             params = replace(params, max_tokens=self.limit - len(ids))
-        return EngineInput(request_id, text, list(ids), params, arrival_time, self.eos_token_id)
+        if params.n > 1 and len(ids) + params.n * params.max_tokens > self.capacity_tokens:
+            raise InputError(f"n={params.n} sequences of up to {params.max_tokens} tokens after a shared "
+                             f"{len(ids)}-token prompt need {len(ids) + params.n * params.max_tokens} KV slots; "
+                             f"the cache holds {self.capacity_tokens}", "n")
+        return EngineInput(request_id, text, list(ids), params, arrival_time, self.eos_token_id, cache_salt)

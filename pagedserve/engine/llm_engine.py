@@ -97,6 +97,9 @@ class LLMEngine:
     def kv_snapshot(self) -> list[BlockInfo]:
         return self.core.kv_snapshot()
 
+    def reset_prefix_cache(self) -> bool:
+        return self.core.reset_prefix_cache()
+
     def stats(self) -> EngineStats:
         s = self.core.scheduler.stats()
         return EngineStats(s.num_running, s.num_waiting, s.num_preemptions, self.core.kv_stats())

@@ -35,6 +35,8 @@ class _Group:
     request: EngineInput
     samples: list[_Sample]
     metrics: RequestMetrics
+    num_cached_tokens: int | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -101,6 +103,12 @@ class OutputProcessor:
             if out.first_scheduled_time is not None:
                 m.first_scheduled_time = out.first_scheduled_time
             m.num_preemptions = out.num_preemptions
+            if out.num_cached_tokens is not None:
+                group.num_cached_tokens = out.num_cached_tokens
+            if out.prompt_logprobs is not None:
+                prompt = group.request.prompt_token_ids
+                group.prompt_logprobs = [None] + [self._logprob_dict(t, lp)
+                                                  for t, lp in zip(prompt[1:], out.prompt_logprobs, strict=True)]
         last = len(out.new_token_ids) - 1
         for i, token in enumerate(out.new_token_ids):
             sample.token_ids.append(token)
@@ -161,7 +169,8 @@ class OutputProcessor:
             s.emitted_tokens = len(s.token_ids)
         r = group.request
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished=group.finished,
-                             metrics=group.metrics)
+                             metrics=group.metrics, num_cached_tokens=group.num_cached_tokens,
+                             prompt_logprobs=group.prompt_logprobs)
 
     def _forget(self, group: _Group) -> None:
         self._groups.pop(group.request.request_id, None)

@@ -89,6 +89,10 @@ class EngineClient(ABC):
     @abstractmethod
     async def kv_snapshot(self) -> list[BlockInfo]: ...
 
+    @abstractmethod
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block; False (nothing done) while requests still hold blocks."""
+
     @property
     @abstractmethod
     def input_processor(self) -> InputProcessor:

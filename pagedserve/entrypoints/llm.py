@@ -54,6 +54,10 @@ class LLM:
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (vLLM's name); False while requests still hold blocks."""
+        return self.engine.reset_prefix_cache()
+
     def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
         return self.engine.input_processor.apply_chat_template(conversation, add_generation_prompt)
 

@@ -6,13 +6,15 @@
 // (tests/test_decoder_stack.py checks that); only the interpreter between them is gone.
 //
 // FusedLinear is the linear layers' dispatch for float32 on the CPU, used by the Python Linear too,
-// so the rule exists once: the quantized kernel up to `quant_max_rows` rows when the checkpoint's
-// blocks are kept, else MKL's packed GEMM for rows in [packed_min_rows, packed_max_rows], else
-// at::linear.
+// so the rule exists once: the quantized kernel when the checkpoint's blocks are kept (any row
+// count: its per-row sums run in one order whatever M is), else at::linear with fewer than 12 rows
+// padded to a multiple of 4 — MKL's sgemm gives a row the same bits for M = 4, 8 and every M >= 12,
+// and other small M take kernels that sum in another order. Either way a row's output does not
+// depend on how many rows the step carries (batch invariance: prefix-cache hits, chunking and batch
+// composition cannot change the logits).
 #include "cpu_ops.h"
 #include "quant_linear.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <pybind11/stl.h>
 
 #include <optional>
@@ -23,41 +25,36 @@
 
 namespace {
 
-at::Tensor mkl_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, int64_t rows) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("mkl::_mkl_linear", "")
-                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               const std::optional<at::Tensor>&, int64_t)>();
-  return op.call(x, packed, weight, bias, rows);
+constexpr int64_t kInvariantMinRows = 12;  // see the top of this file
+
+}  // namespace
+
+at::Tensor row_invariant_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const int64_t rows = x.dim() == 2 ? x.size(0) : 0;
+  if (rows == 0 || rows >= kInvariantMinRows || rows % 4 == 0) return at::linear(x, weight, bias);
+  const int64_t padded = (rows + 3) / 4 * 4;
+  at::Tensor xp = at::zeros({padded, x.size(1)}, x.options());
+  xp.slice(0, 0, rows).copy_(x);
+  return at::linear(xp, weight, bias).slice(0, 0, rows).contiguous();
 }
+
+namespace {
 
 class FusedLinear {
  public:
   using Quant = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::string>;  // codes, d, m, format
 
-  FusedLinear(at::Tensor weight, std::optional<at::Tensor> bias, std::optional<Quant> quant, int64_t quant_max_rows,
-              std::optional<at::Tensor> packed, int64_t packed_min_rows, int64_t packed_max_rows)
-      : weight_(std::move(weight)),
-        bias_(std::move(bias)),
-        quant_max_rows_(quant_max_rows),
-        packed_(std::move(packed)),
-        packed_min_rows_(packed_min_rows),
-        packed_max_rows_(packed_max_rows) {
+  FusedLinear(at::Tensor weight, std::optional<at::Tensor> bias, std::optional<Quant> quant)
+      : weight_(std::move(weight)), bias_(std::move(bias)) {
     if (quant) std::tie(codes_, d_, m_, format_) = *quant;
   }
 
   at::Tensor forward(const at::Tensor& x) const {
-    if (x.dim() == 2) {
-      const int64_t rows = x.size(0);
-      if (codes_.defined() && rows <= quant_max_rows_) {
-        at::Tensor out = quant_linear(x, codes_, d_, m_, format_);
-        return bias_ ? out.add_(*bias_) : out;
-      }
-      if (packed_ && rows >= packed_min_rows_ && rows <= packed_max_rows_)
-        return mkl_linear(x, *packed_, weight_, bias_, rows);
+    if (x.dim() == 2 && codes_.defined()) {
+      at::Tensor out = quant_linear(x, codes_, d_, m_, format_);
+      return bias_ ? out.add_(*bias_) : out;
     }
-    return at::linear(x, weight_, bias_);
+    return row_invariant_linear(x, weight_, bias_);
   }
 
  private:
@@ -65,9 +62,6 @@ class FusedLinear {
   std::optional<at::Tensor> bias_;
   at::Tensor codes_, d_, m_;
   std::string format_;
-  int64_t quant_max_rows_;
-  std::optional<at::Tensor> packed_;
-  int64_t packed_min_rows_, packed_max_rows_;
 };
 
 struct FusedLayer {
@@ -141,10 +135,8 @@ class DecoderStack {
 void register_decoder_stack(pybind11::module& m) {
   namespace py = pybind11;
   py::class_<FusedLinear>(m, "FusedLinear")
-      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<FusedLinear::Quant>, int64_t,
-                    std::optional<at::Tensor>, int64_t, int64_t>(),
-           py::arg("weight"), py::arg("bias"), py::arg("quant"), py::arg("quant_max_rows"), py::arg("packed"),
-           py::arg("packed_min_rows"), py::arg("packed_max_rows"))
+      .def(py::init<at::Tensor, std::optional<at::Tensor>, std::optional<FusedLinear::Quant>>(),
+           py::arg("weight"), py::arg("bias"), py::arg("quant"))
       .def("__call__", &FusedLinear::forward, py::call_guard<py::gil_scoped_release>());
   py::class_<FusedLayer>(m, "FusedLayer")
       .def(py::init<at::Tensor, at::Tensor, FusedLinear, FusedLinear, FusedLinear, FusedLinear>(),

@@ -14,6 +14,9 @@ class ModelRunnerOutput:
     # tokens were accepted; empty for a prompt chunk that did not reach the prompt's end).
     sampled_token_ids: list[list[int]] = field(default_factory=list)
     logprobs: list[list[RawLogprob] | None] | None = None  # per request, per token; None when nobody asked
+    # Requests that asked for prompt logprobs: (first prompt position scored, RawLogprobs of the prompt
+    # tokens this step's chunk predicts).
+    prompt_logprobs: dict[str, tuple[int, list[RawLogprob]]] = field(default_factory=dict)
 
     def index(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.req_ids)}

@@ -48,32 +48,37 @@ def test_reservation_counts_as_fragmentation():
     assert st.used_blocks == 4 and st.fragmentation == pytest.approx(14 / 16)
 
 
-def test_fork_shares_full_blocks_only_and_frees_by_reference():
+def test_fork_shares_every_block_and_copies_the_partial_one_on_write():
     kv = KVCacheManager(num_blocks=8, block_size=4)
     parent, child = _req("p"), _req("c")
     assert kv.allocate_slots(parent, 10)  # 3 blocks: two full, one with 2 of 4 slots used
-    assert kv.fork(parent, child) == 8  # the child need not compute the first 8 tokens
+    parent.num_computed_tokens = 10
+    assert kv.fork(parent, child) == 10  # the child need not compute any of the 10 tokens
+    child.num_computed_tokens = 10
     shared = kv.get_block_ids(child)
-    assert shared == kv.get_block_ids(parent)[:2]
-    assert all(kv.pool.ref_counts[b] == 2 for b in shared)
-    child.num_computed_tokens = 8
-    assert kv.allocate_slots(child, 3)  # its own copy of the partial block: never written by two sequences
-    assert kv.get_block_ids(child)[2] not in kv.get_block_ids(parent)
+    assert shared == kv.get_block_ids(parent) and all(kv.pool.ref_counts[b] == 2 for b in shared)
+    assert kv.allocate_slots(child, 1)  # writes slot 10, in the shared partial block: its own copy first
+    assert kv.take_pending_copies() == [(shared[2], kv.get_block_ids(child)[2])]
+    assert kv.get_block_ids(child)[:2] == shared[:2] and kv.get_block_ids(child)[2] != shared[2]
+    assert kv.pool.ref_counts[shared[2]] == 1
+    assert kv.allocate_slots(parent, 1)  # now the parent's alone: written in place, no copy
+    assert kv.take_pending_copies() == [] and kv.get_block_ids(parent) == shared
     kv.free(parent)
-    assert all(kv.pool.ref_counts[b] == 1 for b in shared) and kv.stats().used_blocks == 3
+    assert all(kv.pool.ref_counts[b] == 1 for b in shared[:2]) and kv.stats().used_blocks == 3
     kv.free(child)
     assert kv.stats().free_blocks == 8
 
 
 def test_snapshot_lists_every_block_with_owners_refs_and_fill():
-    kv = KVCacheManager(num_blocks=4, block_size=4)
+    kv = KVCacheManager(num_blocks=4, block_size=4, enable_caching=False)
     a, b = _req("a"), _req("b")
     kv.allocate_slots(a, 6)
+    a.num_computed_tokens = 6
     kv.fork(a, b)
     snap = kv.snapshot()
     assert [s.block_id for s in snap] == [0, 1, 2, 3]
     table = kv.get_block_ids(a)
     first, second = snap[table[0]], snap[table[1]]
     assert (first.owners, first.ref_count, first.num_tokens, first.state) == (["a", "b"], 2, 4, "used")
-    assert (second.owners, second.ref_count, second.num_tokens) == (["a"], 1, 2)
+    assert (second.owners, second.ref_count, second.num_tokens) == (["a", "b"], 2, 2)
     assert sum(s.state == "free" for s in snap) == 2 and kv.get_computed_blocks(a) == ([], 0)

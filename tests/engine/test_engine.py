@@ -48,19 +48,34 @@ def test_plain_pytorch_path_matches_transformers(tiny_qwen2_dir, options, monkey
         assert out.outputs[0].token_ids == hf_greedy(hf, tok.encode(prompt), 24, None), prompt
 
 
-def test_no_block_is_shared_and_all_are_freed(tiny_llm):
+def test_block_references_match_their_owners_and_all_are_freed(tiny_llm):
+    """Blocks are shared now (cache hits, n > 1): each one's reference count is the number of tables
+    holding it, and no step writes a block some other table still holds."""
     engine = tiny_llm.engine
-    params = SamplingParams(temperature=0.8, seed=3, max_tokens=30)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=30, n=2)
     for i, p in enumerate(PROMPTS * 2):
         engine.add_request(f"inv-{i}", p, params)
+    execute = engine.runner.execute
+
+    def checked_execute(sched):
+        bs = engine.kv.block_size
+        for s in sched.scheduled:
+            start = s.request.num_computed_tokens
+            for pos in range(start, start + s.num_new_tokens):
+                block = s.block_ids[pos // bs]
+                assert engine.kv.pool.ref_counts[block] == 1, f"{s.request.request_id} writes shared block {block}"
+        return execute(sched)
+
+    engine.core.runner.execute = checked_execute
     step = 0
     while engine.has_unfinished_requests():
         engine.step()
-        owners: dict[int, str] = {}
-        for rid, table in engine.kv.block_tables.items():
+        holders: dict[int, int] = {}
+        for table in engine.kv.block_tables.values():
             for b in table:
-                assert b not in owners, f"block {b} held by {owners[b]} and {rid}"
-                owners[b] = rid
+                holders[b] = holders.get(b, 0) + 1
+        assert all(engine.kv.pool.ref_counts[b] == n for b, n in holders.items())
+        assert sum(engine.kv.pool.ref_counts) == sum(holders.values())
         step += 1
         if step == 5:
             engine.abort_request(["inv-0", "inv-3"])

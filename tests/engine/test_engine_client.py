@@ -116,6 +116,9 @@ class StandInClient(EngineClient):
     async def kv_snapshot(self) -> list[BlockInfo]:
         return []
 
+    async def reset_prefix_cache(self) -> bool:
+        return True
+
     def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pagedserve.kernels import cpu_ops
-from pagedserve.model.layers.linear import QUANT_MAX_ROWS, Linear
+from pagedserve.model.layers.linear import Linear
 from pagedserve.model.loader import iter_quantized_rows, iter_weights, load_config
 from tests.model.test_gguf import _write_gguf
 
@@ -65,7 +65,7 @@ def test_kernel_refuses_unknown_formats_and_shapes():
 
 
 @needs_simd
-def test_linear_uses_the_kernel_for_small_batches_with_bias():
+def test_linear_uses_the_kernel_for_every_batch_with_bias():
     raw, ref = _quantized(64, 128)
     layer = Linear(128, 64, bias=True)
     with torch.no_grad():
@@ -74,8 +74,7 @@ def test_linear_uses_the_kernel_for_small_batches_with_bias():
     layer.quant_raw = ("Q4_1", raw)
     layer.prepare_cpu_paths(ops)
     assert layer.quant is not None and layer.quant_raw is None
-    assert layer.packed is None  # no second float32 copy for a quantized layer
-    for rows in (1, 17, QUANT_MAX_ROWS, QUANT_MAX_ROWS + 1):  # kernel (both paths), then F.linear
+    for rows in (1, 17, 256, 600):  # the direct path, then the tiled one
         x = torch.randn(rows, 128)
         assert torch.allclose(layer(x), F.linear(x, ref, layer.bias), rtol=1e-5, atol=1e-5)
 

@@ -4,6 +4,7 @@
     reorder_batch(query_lens) -> the order of the step's requests in the flat batch
     build_metadata(CommonAttentionMetadata) -> whatever its __call__ reads
     __call__(q, k, v, k_cache, v_cache, metadata, scale) -> attention output
+    copy_blocks(kv_caches, [(src, dst)]) -> copy whole blocks (copy on write)
 
 `select_attention_backend` picks one for a device and dtype (a GPU backend plugs in here).
 """

@@ -15,6 +15,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from pagedserve.attention.backends.block_copy import copy_blocks_along
 from pagedserve.attention.metadata import (
     CommonAttentionMetadata,
     DecodePrefillMetadata,
@@ -66,6 +67,9 @@ class CpuPagedAttention:
             self.ops.advise_huge_pages(cache)
             cache.zero_()
         return k, v
+
+    def copy_blocks(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
+        copy_blocks_along(kv_caches, copies, block_dim=1)  # blocks are dim 1 of both caches
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: CpuAttentionMetadata, scale: float) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pagedserve.attention.backends.block_copy import copy_blocks_along
 from pagedserve.attention.metadata import (
     CommonAttentionMetadata,
     DecodePrefillMetadata,
@@ -62,6 +63,9 @@ class TorchPagedAttention:
         shape = (kv_heads, num_blocks, block_size, head_dim)
         self._cache_shape = shape
         return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
+    def copy_blocks(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
+        copy_blocks_along(kv_caches, copies, block_dim=1)  # blocks are dim 1 of both caches
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:

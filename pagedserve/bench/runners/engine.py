@@ -48,7 +48,13 @@ def step_sample(rec, t0: float) -> StepSample:
     return StepSample(t=rec.start - t0, duration=rec.duration, batch_size=rec.num_seqs, num_tokens=rec.num_tokens,
                       num_prefill=rec.num_prefill_seqs, kv_allocated_slots=kv.used_blocks * kv.block_size,
                       kv_filled_slots=kv.used_slots, kv_capacity_slots=kv.total_blocks * kv.block_size,
-                      block_size=kv.block_size, num_waiting=rec.num_waiting, num_preempted=rec.num_preempted)
+                      block_size=kv.block_size, num_waiting=rec.num_waiting, num_preempted=rec.num_preempted,
+                      kv_cached_blocks=getattr(kv, "cached_blocks", 0))
+
+
+def prefix_counters(kv) -> tuple[int, int]:
+    """(queries, hits) so far, in prompt tokens; (0, 0) from an engine without a prefix cache's counters."""
+    return int(getattr(kv, "prefix_cache_queries", 0) or 0), int(getattr(kv, "prefix_cache_hits", 0) or 0)
 
 
 def _finish_record(rec: RequestRecord, out, t0: float) -> None:
@@ -74,6 +80,7 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
     bar = tqdm(total=len(workload.requests), desc=system, unit="req", disable=not progress, dynamic_ncols=True)
     started_unix = time.time()
     contention = Contention()
+    queries0, hits0 = prefix_counters(engine.kv_stats())  # the warm-up's lookups are not the run's
     t0 = replay.start()
     while not replay.exhausted or in_flight:
         for wr, arrival in replay.due(in_flight):
@@ -93,7 +100,12 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
         if idle > _MAX_IDLE_STEPS:
             raise RuntimeError(f"{system}: engine made no progress with {in_flight} requests in flight")
         for out in outputs:
-            if out.finished and out.request_id in records:
+            if out.request_id not in records:
+                continue
+            # Kept from whichever output carries it (the engine may set it on the first one only).
+            if (cached := getattr(out, "num_cached_tokens", None)) is not None:
+                records[out.request_id].cached_tokens = cached
+            if out.finished:
                 _finish_record(records[out.request_id], out, t0)
                 in_flight -= 1
                 bar.update(1)
@@ -103,6 +115,7 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
                                 f"kv={last.kv.utilization:.0%}", refresh=False)
     duration = replay.now()
     bar.close()
+    queries1, hits1 = prefix_counters(engine.kv_stats())
     machine = contention.result()
     config = {"model": str(engine.model_path), "engine": dataclasses.asdict(engine.config),
               "num_kv_blocks": engine.kv_stats().total_blocks, "torch_threads": torch.get_num_threads(),
@@ -111,7 +124,8 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
     return RunResult(system=system, kind="engine", config=config,
                      requests=[records[r.request_id] for r in workload.requests if r.request_id in records],
                      steps=[step_sample(s, t0) for s in engine.step_records], duration=duration,
-                     started_unix=started_unix, notes=[note] if note else [])
+                     started_unix=started_unix, notes=[note] if note else [],
+                     prefix_cache={"queries": queries1 - queries0, "hits": hits1 - hits0, "source": "engine counters"})
 
 
 def run_engine(workload: Workload, model: str, policy: str, engine_options: dict | None = None,

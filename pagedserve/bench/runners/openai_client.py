@@ -95,6 +95,38 @@ async def stream_one(client: httpx.AsyncClient, r: WorkloadRequest, model: str, 
     rec.output_tokens = int(usage.get("completion_tokens", chunks)) if usage else chunks
     if usage and usage.get("prompt_tokens") is not None:
         rec.prompt_tokens = int(usage["prompt_tokens"])
+    cached = ((usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is not None:  # OpenAI's field; servers that don't cache (or don't say) leave it out
+        rec.cached_tokens = int(cached)
+
+
+PREFIX_COUNTERS = {"vllm:prefix_cache_queries_total": "queries", "vllm:prefix_cache_hits_total": "hits"}
+
+
+def parse_prefix_counters(text: str) -> dict[str, float]:
+    """The prefix-cache counters of a Prometheus /metrics page (`name{labels} value`), summed over label sets."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        key = PREFIX_COUNTERS.get(name)
+        if key is None:
+            continue
+        rest = line[len(name):]
+        fields = (rest.rsplit("}", 1)[-1] if rest.startswith("{") else rest).split()
+        try:
+            out[key] = out.get(key, 0.0) + float(fields[0])
+        except (IndexError, ValueError):
+            continue
+    return out
+
+
+async def scrape_prefix_counters(client: httpx.AsyncClient) -> dict[str, float]:
+    """Best effort: {} from a server without /metrics or without those counters."""
+    try:
+        resp = await client.get("/metrics", timeout=5.0)
+    except (httpx.HTTPError, ValueError):  # a fake server in tests may fail on an unknown path
+        return {}
+    return parse_prefix_counters(resp.text) if resp.status_code == 200 else {}
 
 
 async def first_model_id(client: httpx.AsyncClient) -> str:
@@ -127,6 +159,7 @@ async def run_openai_async(workload: Workload, url: str, model: str | None = Non
         records = [RequestRecord(r.request_id, r.arrival_offset, r.max_tokens, r.template) for r in workload.requests]
         bar = tqdm(total=n, desc=system, unit="req", disable=not progress, dynamic_ncols=True)
         gate = asyncio.Semaphore(workload.concurrency) if workload.concurrency else None
+        counters0 = await scrape_prefix_counters(client)
         started_unix = time.time()
         t0 = time.monotonic()
 
@@ -158,10 +191,14 @@ async def run_openai_async(workload: Workload, url: str, model: str | None = Non
         finished = [rec.finish for rec in records if rec.finish is not None]
         duration = now() if pending or not finished else max(finished)
         bar.close()
+        counters1 = await scrape_prefix_counters(client)
     config = {"url": base, "model": model, "max_duration_s": max_duration, "request_timeout_s": request_timeout,
               "stream": True, "ignore_eos": True}
     run = RunResult(system=system, kind="openai", config=config, requests=records, duration=duration,
                     started_unix=started_unix)
+    if {"queries", "hits"} <= counters0.keys() & counters1.keys():
+        run.prefix_cache = {"queries": int(counters1["queries"] - counters0["queries"]),
+                            "hits": int(counters1["hits"] - counters0["hits"]), "source": "server /metrics"}
     chunks = sum(len(r.token_times) for r in records if r.ok)
     tokens = sum(r.output_tokens for r in records if r.ok)
     if chunks and tokens > 1.05 * chunks:

@@ -1,6 +1,7 @@
 """Continuous (iteration-level) batching: every step serves running requests first (their next
 token, or the rest of a chunked prefill), then admits waiting ones into the leftover token budget
-and free blocks; when blocks run out the newest running request is preempted (freed, recomputed)."""
+and free blocks, starting each after the longest prefix the cache already holds; when blocks run out
+the newest running request is preempted (freed, recomputed: its own blocks are cache hits then)."""
 
 from __future__ import annotations
 
@@ -37,12 +38,17 @@ def schedule_continuous(s: Scheduler) -> SchedulerOutput:
     # Admit waiting requests only if nobody had to be preempted this step (else they would thrash).
     while (not out.preempted and s.waiting and budget > 0 and len(s.running) < config.max_num_seqs):
         req = s.waiting[0]
-        remaining = req.num_tokens - req.num_computed_tokens
+        hits, num_hit = kv.get_computed_blocks(req)  # a prefix already in the cache is not computed again
+        remaining = req.num_tokens - num_hit
         if remaining > budget and not config.enable_chunked_prefill:
             break
         num_new = min(remaining, budget)
-        if not kv.allocate_slots(req, num_new):
+        if not kv.allocate_slots(req, num_new, new_computed_blocks=hits):
             break
+        kv.record_prefix_query(req, num_hit)
+        req.num_computed_tokens = num_hit
+        if req.num_cached_tokens is None:
+            req.num_cached_tokens = num_hit
         s.waiting.popleft()
         s.start_running(req)
         out.scheduled.append(ScheduledRequest(req, num_new, kv.get_block_ids(req)))

@@ -40,22 +40,36 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_ids: set[str] = set()
+        # n > 1 siblings waiting for the first sibling's prompt, by that sibling's id.
+        self._forks: dict[str, list[Request]] = {}
         policies: dict[str, Callable[[Scheduler], SchedulerOutput]] = {
             "continuous": schedule_continuous, "static": schedule_static}
         self._policy = policies[config.policy]
 
-    def add_request(self, request: Request) -> None:
+    def add_request(self, request: Request, fork_of: str | None = None) -> None:
+        """Queue a request. With `fork_of` (an n > 1 sibling), it shares that request's prompt: it
+        waits until that prompt is computed and then forks its blocks, unless that is no longer
+        possible (the sibling has left or is past its prompt), in which case it is an ordinary request."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in the engine")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        parent = self.requests.get(fork_of) if fork_of else None
+        if (parent is not None and self.config.policy == "continuous" and not parent.output_token_ids
+                and parent.num_computed_tokens < parent.num_tokens):
+            self._forks.setdefault(parent.request_id, []).append(request)
+        else:
+            self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self._forks)
 
     def schedule(self) -> SchedulerOutput:
         out = self._policy(self)
+        for s in out.scheduled:
+            if self._forks and s.completes_prompt and not s.request.output_token_ids:
+                s.forks = self._forks.pop(s.request.request_id, [])
         out.finished_req_ids, self._finished_ids = self._finished_ids, set()
+        out.blocks_to_copy = self.kv.take_pending_copies()
         return out
 
     def stats(self) -> SchedulerStats:
@@ -90,6 +104,7 @@ class Scheduler:
         for s in sched.scheduled:
             req = s.request
             if req.is_finished:
+                self._release_forks(s.forks)
                 continue
             req.num_computed_tokens += s.num_new_tokens
             row = index.get(req.request_id)
@@ -97,26 +112,46 @@ class Scheduler:
             if s.num_spec_tokens:  # slots of rejected proposals hold K/V nobody may read: recompute them
                 req.num_computed_tokens -= s.num_spec_tokens + 1 - len(new_ids)
                 req.spec_token_ids = []
+            self.kv.cache_computed_blocks(req)
+            if req.request_id in runner.prompt_logprobs:
+                start, scored = runner.prompt_logprobs[req.request_id]
+                if start == len(req.prompt_logprobs):  # not again after a preemption
+                    req.prompt_logprobs.extend(scored)
+            for child in s.forks:  # before req's tokens: req may finish and free its blocks below
+                if not child.is_finished:
+                    child.num_computed_tokens = self.kv.fork(req, child)
+                    child.num_cached_tokens = req.num_cached_tokens
+                    self.start_running(child)
+                    self._append_tokens(child, runner.sampled_token_ids[index[child.request_id]],
+                                        runner.logprobs[index[child.request_id]] if runner.logprobs else None,
+                                        outputs)
             if not new_ids:
                 continue  # a prompt chunk that did not reach the prompt's end
-            status = None
-            accepted = 0
-            for token in new_ids:
-                req.output_token_ids.append(token)
-                accepted += 1
-                status = self._check_stop(req, token)
-                if status is not None:
-                    break
-            logprobs = runner.logprobs[row][:accepted] if runner.logprobs and runner.logprobs[row] else None
-            first = len(req.output_token_ids) == accepted  # the request's first output: send its start time
-            out = EngineCoreOutput(req.request_id, new_ids[:accepted], logprobs,
-                                   first_scheduled_time=req.first_scheduled_time if first else None,
-                                   num_preemptions=req.num_preemptions)
-            if status is not None:
-                self.finish_request(req, status)
-                out.finish_reason, out.stop_reason = status.value, req.stop_reason
-            outputs.append(out)
+            self._append_tokens(req, new_ids, runner.logprobs[row] if runner.logprobs else None, outputs)
         return EngineCoreOutputs(outputs, now)
+
+    def _append_tokens(self, req: Request, new_ids: list[int], logprobs: list | None,
+                       outputs: list[EngineCoreOutput]) -> None:
+        status = None
+        accepted = 0
+        for token in new_ids:
+            req.output_token_ids.append(token)
+            accepted += 1
+            status = self._check_stop(req, token)
+            if status is not None:
+                break
+        logprobs = logprobs[:accepted] if logprobs else None
+        first = len(req.output_token_ids) == accepted  # the request's first output: send its start time
+        out = EngineCoreOutput(req.request_id, new_ids[:accepted], logprobs,
+                               first_scheduled_time=req.first_scheduled_time if first else None,
+                               num_preemptions=req.num_preemptions,
+                               num_cached_tokens=req.num_cached_tokens if first else None,
+                               prompt_logprobs=req.prompt_logprobs if first and req.params.prompt_logprobs is not None
+                               else None)
+        if status is not None:
+            self.finish_request(req, status)
+            out.finish_reason, out.stop_reason = status.value, req.stop_reason
+        outputs.append(out)
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.params
@@ -138,9 +173,22 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        else:
+            for siblings in self._forks.values():
+                if req in siblings:
+                    siblings.remove(req)
+        self._release_forks(self._forks.pop(req.request_id, []))
         self.kv.free(req)
         self.requests.pop(req.request_id, None)
         self._finished_ids.add(req.request_id)
+
+    def _release_forks(self, children: list[Request]) -> None:
+        """The sibling they waited for left before computing its prompt: they compute their own (and
+        take whatever of it the prefix cache holds)."""
+        self.waiting.extend(c for c in children if not c.is_finished)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
         """Abort those still in the core; returns the ids that were."""

@@ -11,16 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.model.quantization import (
-    PACKED_ROWS,
-    QUANT_MAX_ROWS,
-    LinearMethod,
-    UnquantizedLinearMethod,
-    create_linear_method,
-    mkl_packing_available,
-)
+from pagedserve.model.quantization import LinearMethod, UnquantizedLinearMethod, create_linear_method
 
-__all__ = ["Linear", "PACKED_ROWS", "QUANT_MAX_ROWS", "mkl_packing_available", "quantized_matmul_enabled"]
+__all__ = ["Linear", "quantized_matmul_enabled"]
 
 
 def quantized_matmul_enabled() -> bool:
@@ -48,10 +41,6 @@ class Linear(nn.Linear):
     @property
     def quant(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None:
         return self.quant_method.quant
-
-    @property
-    def packed(self) -> torch.Tensor | None:
-        return self.quant_method.packed
 
     @property
     def fused_linear(self) -> Any:

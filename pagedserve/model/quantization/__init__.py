@@ -12,14 +12,7 @@ from types import ModuleType
 import torch
 
 from pagedserve.model.quantization.gguf_blocks import GGUFBlockLinearMethod
-from pagedserve.model.quantization.unquantized import (
-    PACK_FOR_ROWS,
-    PACKED_ROWS,
-    UnquantizedLinearMethod,
-    mkl_packing_available,
-)
-
-QUANT_MAX_ROWS = 256  # the block kernel, measured no slower than MKL up to here (see gguf_blocks.py)
+from pagedserve.model.quantization.unquantized import UnquantizedLinearMethod, row_invariant_linear
 
 LinearMethod = UnquantizedLinearMethod | GGUFBlockLinearMethod
 
@@ -27,21 +20,17 @@ LinearMethod = UnquantizedLinearMethod | GGUFBlockLinearMethod
 def create_linear_method(weight: torch.Tensor, bias: torch.Tensor | None, raw: tuple[str, torch.Tensor] | None,
                          ops: ModuleType | None, use_quantized_matmul: bool) -> LinearMethod:
     """The method for float32 CPU weights: the block kernel when the checkpoint stored the matrix as
-    blocks the kernel reads and it is enabled, else plain float32 (with MKL's packed copy on CPU)."""
+    blocks the kernel reads and it is enabled, else plain float32 (row-invariant F.linear)."""
     out_features, in_features = weight.shape  # not the layer's in_features: a tied head borrows its weight
     plain_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
     if (plain_cpu and raw is not None and ops is not None and use_quantized_matmul
             and ops.quant_linear_simd() and out_features % 32 == 0 and in_features % 32 == 0):
-        return GGUFBlockLinearMethod.create(weight, bias, raw, ops, QUANT_MAX_ROWS)
-    packed = None
-    if plain_cpu and mkl_packing_available():
-        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), PACK_FOR_ROWS)
+        return GGUFBlockLinearMethod.create(weight, bias, raw, ops)
     fused = None
-    if plain_cpu and ops is not None:  # the same choice of path, made in C++ (decoder_stack.cpp)
-        fused = ops.FusedLinear(weight.detach(), None if bias is None else bias.detach(), None, QUANT_MAX_ROWS,
-                                packed, PACKED_ROWS.start, PACKED_ROWS.stop - 1)
-    return UnquantizedLinearMethod(packed, fused)
+    if plain_cpu and ops is not None:  # the same rule, applied in C++ (decoder_stack.cpp)
+        fused = ops.FusedLinear(weight.detach(), None if bias is None else bias.detach(), None)
+    return UnquantizedLinearMethod(fused)
 
 
 __all__ = ["LinearMethod", "UnquantizedLinearMethod", "GGUFBlockLinearMethod", "create_linear_method",
-           "QUANT_MAX_ROWS", "PACKED_ROWS", "mkl_packing_available"]
+           "row_invariant_linear"]

@@ -1,6 +1,12 @@
-"""Plain weights: F.linear, or for small CPU batches MKL's packed GEMM (the one PyTorch's inductor
-uses for frozen CPU graphs), faster than F.linear from a few rows up to ~128 when packed for 64-row
-batches, at the cost of a second copy of the weight (docs/machine.md has the measurements)."""
+"""Plain weights: F.linear, with small batches padded so that a row's result never depends on how
+many rows the step carries.
+
+MKL's sgemm computes each row with the same sums for M = 4, 8 and every M >= 12; other small M take
+kernels that add in another order, which would make a token's logits depend on the batch (and a
+prefix-cache hit, which changes the rows of a prefill, change them). Padding those M to the next
+multiple of 4 costs at most three zero rows. tests/kernels/test_row_invariance.py checks the rule on
+this machine's MKL. The fused kernels' FusedLinear applies the same rule in C++ (decoder_stack.cpp).
+"""
 
 from __future__ import annotations
 
@@ -10,24 +16,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACKED_ROWS = range(4, 129)
-PACK_FOR_ROWS = 64  # MKL's packing is tuned for one batch size; 64 serves 16–128 rows well
+INVARIANT_MIN_ROWS = 12
 
 
-def mkl_packing_available() -> bool:
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+def row_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.shape[0] if x.dim() == 2 else 0
+    if rows == 0 or rows >= INVARIANT_MIN_ROWS or rows % 4 == 0 or x.device.type != "cpu":
+        return F.linear(x, weight, bias)
+    padded = x.new_zeros((rows + 3) // 4 * 4, x.shape[1])
+    padded[:rows] = x
+    return F.linear(padded, weight, bias)[:rows]
 
 
 class UnquantizedLinearMethod:
     quant = None  # no quantized blocks
 
-    def __init__(self, packed: torch.Tensor | None = None, fused: Any = None) -> None:
-        self.packed = packed
+    def __init__(self, fused: Any = None) -> None:
         self.fused = fused
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
             return self.fused(x)
-        if self.packed is not None and x.dim() == 2 and x.shape[0] in PACKED_ROWS:  # without the kernels
-            return torch.ops.mkl._mkl_linear(x, self.packed, layer.weight, layer.bias, x.shape[0])
-        return F.linear(x, layer.weight, layer.bias)
+        return row_invariant_linear(x, layer.weight, layer.bias)

@@ -1,0 +1,50 @@
+"""Batch invariance of the linear layers: a row's output has the same bits whatever number of rows the
+call carries. Prefix-cache hits, chunked prefill and batch composition change only how many rows a
+step multiplies, so this is what keeps logits (not only tokens) identical across them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedserve.kernels import cpu_ops
+from pagedserve.model.layers.linear import Linear
+from pagedserve.model.quantization import row_invariant_linear
+from tests.model.test_quant_linear import _quantized
+
+ops = cpu_ops()
+ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 16, 17, 31, 64, 100, 129, 257, 300]
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (128, 64), (960, 576), (576, 1536)])
+def test_float_linear_rows_do_not_depend_on_the_row_count(shape):
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
+    x = torch.randn(max(ROW_COUNTS), in_features)
+    full = row_invariant_linear(x, weight, bias)
+    for rows in ROW_COUNTS:
+        assert torch.equal(row_invariant_linear(x[:rows], weight, bias), full[:rows]), rows
+        assert torch.equal(row_invariant_linear(x[-rows:], weight, bias), full[-rows:]), rows
+
+
+@pytest.mark.skipif(ops is None, reason="no compiler for the fused kernels")
+@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "q4_1"])
+def test_fused_linear_rows_do_not_depend_on_the_row_count(quantized):
+    if quantized and not ops.quant_linear_simd():
+        pytest.skip("the block kernel needs AVX-512")
+    raw, ref = _quantized(64, 128)
+    layer = Linear(128, 64, bias=True)
+    with torch.no_grad():
+        layer.weight.copy_(ref)
+        layer.bias.normal_()
+    if quantized:
+        layer.quant_raw = ("Q4_1", raw)
+    layer.prepare_cpu_paths(ops)
+    assert (layer.quant is not None) == quantized
+    x = torch.randn(max(ROW_COUNTS), 128)
+    with torch.no_grad():
+        full = layer(x)
+        for rows in ROW_COUNTS:
+            assert torch.equal(layer(x[:rows]), full[:rows]), rows
+            assert torch.equal(layer(x[-rows:]), full[-rows:]), rows
