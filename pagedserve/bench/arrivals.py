@@ -29,9 +29,10 @@ def poisson(n: int, rate: float, seed: int = 0) -> list[float]:
     return offsets
 
 
-def describe(rate: float | None, concurrency: int | None) -> str:
+def describe(rate: float | None, concurrency: int | None, unit: str = "req/s") -> str:
+    """`unit` is what the rate counts: requests, or conversations for a multi-turn workload."""
     if concurrency:
         return f"closed loop, concurrency {concurrency}"
     if rate is None or math.isinf(rate):
         return "all at once"
-    return f"Poisson, {rate:g} req/s"
+    return f"Poisson, {rate:g} {unit}"

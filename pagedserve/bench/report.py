@@ -181,8 +181,10 @@ def workload_markdown(desc: dict) -> str:
              "(greedy, ignore_eos: every system generates exactly these)",
              f"- prompt length: {pw['min']}–{pw['max']} words (mean {pw['mean']:.0f})"]
     if desc.get("max_tokens_scale", 1.0) != 1.0 or desc.get("max_tokens_cap"):
+        origin = {"prefix": "the generator's range", "chat": "the replies' lengths"}.get(desc.get("generator"),
+                                                                                         "the chapter's ranges")
         lines.append(f"- output lengths scaled by {desc.get('max_tokens_scale')} "
-                     f"(cap {desc.get('max_tokens_cap')}) from the chapter's ranges")
+                     f"(cap {desc.get('max_tokens_cap')}) from {origin}")
     if desc.get("generator") == "prefix":
         lines.append(f"- every prompt starts with the same system prompt of {desc.get('prefix_token_count')} tokens "
                      f"({desc.get('token_counts')}; text from {desc.get('text_source')}), then its own question")
@@ -190,8 +192,7 @@ def workload_markdown(desc: dict) -> str:
         lines.append(f"- {desc.get('conversations')} conversations of up to {desc.get('turns')} turns; each turn "
                      "resends the whole history (fixed assistant replies, text from "
                      f"{desc.get('text_source')}); the next turn arrives a think time (mean "
-                     f"{desc.get('think_time_s')} s) after the previous one; arrivals above time the "
-                     "conversations' starts")
+                     f"{desc.get('think_time_s')} s) after the previous one")
     if desc.get("templates"):
         lines.append("- templates: " + ", ".join(f"{k} ×{v}" for k, v in sorted(desc["templates"].items())))
     return "\n".join(lines)

@@ -70,7 +70,8 @@ class Workload:
 
     @property
     def arrival(self) -> str:
-        return arrivals.describe(self.rate, self.concurrency)
+        multi_turn = any(r.conversation is not None for r in self.requests)
+        return arrivals.describe(self.rate, self.concurrency, "conversations/s" if multi_turn else "req/s")
 
     def header(self) -> dict:
         return {"name": self.name, "num_requests": len(self.requests), "arrival": self.arrival,

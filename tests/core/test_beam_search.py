@@ -57,6 +57,8 @@ def hf_small_vocab():
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                       initializer_range=0.3, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # wide-swinging EOS logits: EOS often ranks inside and just beyond the top k
+        model.lm_head.weight[2] *= 3
     _check_generation_config(model)
     return model
 
@@ -155,9 +157,9 @@ def test_matches_hf_to_max_length(request, model_name, prompt, k):
 
 @pytest.mark.parametrize("es", [False, "never"])
 def test_ignore_eos_matches_hf_without_eos(hf_tiny_llama, es):
-    prompt = LLAMA_PROMPTS[1]
+    prompt = LLAMA_PROMPTS[0]  # the prompt whose early EOS ends beams in test_matches_hf_with_early_eos
     eos = _early_eos(hf_tiny_llama, prompt)
-    hyps = _compare(hf_tiny_llama, prompt, 4, 0.5, es, 8, eos, ignore_eos=True)
+    hyps = _compare(hf_tiny_llama, prompt, 2, 0.5, es, 8, eos, ignore_eos=True)
     assert all(h.finish_reason == "length" and len(h.token_ids) == 8 for h in hyps)
     assert any(eos in h.token_ids for h in hyps)  # EOS was generated and treated as an ordinary token
 

@@ -151,6 +151,26 @@ def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> Fast
             ids = serving.encode(body.prompt or "", body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> JSONResponse:
+        """vLLM's endpoint: forget every cached prefix block (refused while requests hold blocks)."""
+        if not await async_engine.reset_prefix_cache():
+            raise APIError(409, "the prefix cache cannot be reset while requests hold KV blocks; retry when idle",
+                           "conflict_error", None, "cache_in_use")
+        return JSONResponse({"reset": True})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        """The served tokenizer's settings (vLLM's endpoint), so a client such as lm-eval can tokenize
+        through /tokenize and /detokenize without downloading it."""
+        tok = serving.tokenizer
+        special = {name: getattr(tok, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        return JSONResponse({"tokenizer_class": type(tok).__name__, "model": serving.model_name,
+                             "vocab_size": len(tok), "model_max_length": serving.max_model_len,
+                             "chat_template": getattr(tok, "chat_template", None),
+                             "add_bos_token": getattr(tok, "add_bos_token", None),
+                             **{k: v if isinstance(v, str) or v is None else str(v) for k, v in special.items()}})
+
     @app.post("/detokenize", openapi_extra=_body_schema(DetokenizeRequest))
     async def detokenize(request: Request) -> DetokenizeResponse:
         body = await parse_body(request, DetokenizeRequest)

@@ -52,8 +52,13 @@ class EngineMetrics:
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", REQUEST_BUCKETS)
         self.queue_time = histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled.",
                                     REQUEST_BUCKETS)
+        # In tokens, as vLLM counts them (hit rate = hits / queries).
+        self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.kv_cached = gauge("pagedserve:kv_blocks_cached", "Free KV blocks still holding a cached prefix.")
         self._prefilled: set[str] = set()  # requests whose prompt tokens were counted
         self._preemptions_seen = 0
+        self._prefix_seen = (0, 0)
 
     def on_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
         for out in outputs:  # counters first: a scrape that sees idle gauges sees these counted
@@ -64,6 +69,12 @@ class EngineMetrics:
         self.kv_usage.set(kv.utilization)
         self.kv_free.set(kv.free_blocks)
         self.kv_total.set(kv.total_blocks)
+        self.kv_cached.set(kv.cached_blocks)
+        queries, hits = self._prefix_seen
+        if kv.prefix_cache_queries > queries:  # the engine's totals: the counters take the difference
+            self.prefix_queries.inc(kv.prefix_cache_queries - queries)
+            self.prefix_hits.inc(kv.prefix_cache_hits - hits)
+            self._prefix_seen = (kv.prefix_cache_queries, kv.prefix_cache_hits)
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions

@@ -76,6 +76,15 @@ class RequestGroup:
         return merge_streams(self.streams)
 
 
+def prompt_logprobs_json(out: RequestOutput, tokenizer) -> list[dict[str, dict] | None] | None:
+    """vLLM's `prompt_logprobs` shape: per prompt token, {token id: {logprob, rank, decoded_token}}."""
+    if out.prompt_logprobs is None:
+        return None
+    return [None if d is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token} for t, lp in d.items()}
+            for d in out.prompt_logprobs]
+
+
 class OpenAIServing:
     """Everything here goes through the EngineClient: its input processor validates and tokenizes
     (once: the engine does not check again), its streams carry the outputs."""
@@ -103,6 +112,8 @@ class OpenAIServing:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         if req.logit_bias:
             raise bad_request("logit_bias is not supported", "logit_bias")
+        if req.stream and req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.inputs.encode(text, add_special_tokens)
@@ -121,17 +132,17 @@ class OpenAIServing:
             raise input_error(e) from None
 
     def engine_inputs(self, request_id: str, prompts: Sequence[Prompt], params: SamplingParams, arrival_time: float,
-                      prompt_param: str, max_tokens_param: str) -> list[EngineInput]:
+                      prompt_param: str, max_tokens_param: str, cache_salt: str | None = None) -> list[EngineInput]:
         """The input processor's checks (the engine's limits), with the wire names in its errors."""
         try:
             return [self.inputs.process_tokens(f"{request_id}-{i}", p.text or None, p.token_ids, params,
-                                               arrival_time, prompt_param, max_tokens_param)
+                                               arrival_time, prompt_param, max_tokens_param, cache_salt)
                     for i, p in enumerate(prompts)]
         except InputError as e:
             raise input_error(e) from None
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        renames: dict[str, str] | None = None) -> SamplingParams:
+                        renames: dict[str, str] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         """SamplingParams checks every range; its message names the field, renamed to the wire name."""
         values = dict(
             n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
@@ -139,6 +150,7 @@ class OpenAIServing:
             frequency_penalty=req.frequency_penalty, seed=req.seed, max_tokens=max_tokens,
             min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens)
         try:

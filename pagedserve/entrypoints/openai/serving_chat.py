@@ -23,7 +23,7 @@ from pagedserve.entrypoints.openai.protocol import (
     ChatMessageOut,
     ChatStreamChoice,
     DeltaMessage,
-    UsageInfo,
+    usage,
 )
 from pagedserve.entrypoints.openai.serving_base import (
     SSE_DONE,
@@ -34,6 +34,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     RequestGroup,
     collect,
     engine_error,
+    prompt_logprobs_json,
     random_id,
     sse,
     until_disconnect,
@@ -92,7 +93,7 @@ class OpenAIServingChat:
         params = s.sampling_params(req, max_tokens, logprobs,
                                    renames={"logprobs": "top_logprobs", "max_tokens": max_param})
         request_id = random_id("chatcmpl")
-        inputs = s.engine_inputs(request_id, [Prompt("", ids)], params, arrival, "messages", max_param)
+        inputs = s.engine_inputs(request_id, [Prompt("", ids)], params, arrival, "messages", max_param, req.cache_salt)
         group = await s.admit(inputs)
         try:
             if req.stream:
@@ -122,8 +123,9 @@ class OpenAIServingChat:
             choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
                                       finish_reason=c.finish_reason, stop_reason=c.stop_reason))
         generated = sum(len(c.token_ids) for c in final.outputs)
-        usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated, total_tokens=num_prompt + generated)
-        return ChatCompletionResponse(id=request_id, model=self.serving.model_name, choices=choices, usage=usage)
+        return ChatCompletionResponse(id=request_id, model=self.serving.model_name, choices=choices,
+                                      usage=usage(num_prompt, generated, final.num_cached_tokens or 0),
+                                      prompt_logprobs=prompt_logprobs_json(final, self.serving.tokenizer))
 
     async def _sse(self, req: ChatCompletionRequest, request_id: str, num_prompt: int, group: RequestGroup,
                    outputs: AsyncIterator[tuple[int, RequestOutput]], first: RequestOutput) -> AsyncIterator[str]:
@@ -131,6 +133,7 @@ class OpenAIServingChat:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         created = int(time.time())
         generated: dict[int, int] = {}
+        cached = first.num_cached_tokens or 0
 
         def chunk(index: int, delta: DeltaMessage, logprobs: ChatChoiceLogProbs | None = None,
                   finish: str | None = None) -> str:
@@ -166,9 +169,8 @@ class OpenAIServingChat:
                 out = None if item is None else item[1]
             if include_usage:
                 total = sum(generated.values())
-                usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=total, total_tokens=num_prompt + total)
                 body = ChatCompletionChunk(id=request_id, created=created, model=self.serving.model_name,
-                                           choices=[], usage=usage)
+                                           choices=[], usage=usage(num_prompt, total, cached))
                 yield sse(body.model_dump_json())
         except Exception as e:  # headers are out: report in-band, as vLLM does
             yield sse(engine_error(e).response().body.decode())

@@ -14,7 +14,7 @@ from pagedserve.entrypoints.openai.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
-    UsageInfo,
+    usage,
 )
 from pagedserve.entrypoints.openai.serving_base import (
     SSE_DONE,
@@ -25,6 +25,7 @@ from pagedserve.entrypoints.openai.serving_base import (
     RequestGroup,
     collect,
     engine_error,
+    prompt_logprobs_json,
     random_id,
     sse,
     until_disconnect,
@@ -47,6 +48,24 @@ def completion_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]]
         out.top_logprobs.append({lp.decoded_token or tokenizer.decode([t]): lp.logprob for t, lp in ranked})
         out.text_offset.append(offset)
         offset += len(token)
+    return out
+
+
+def echoed_prompt_logprobs(prompt_ids: list[int], final: RequestOutput, tokenizer,
+                           completion: CompletionLogProbs) -> CompletionLogProbs:
+    """echo + logprobs: the prompt's tokens first (the first one has no logprob: nothing precedes it),
+    then the completion's, offsets counted from the start of the echoed text."""
+    scored = final.prompt_logprobs or [None] * len(prompt_ids)
+    first = tokenizer.decode(prompt_ids[:1])
+    out = CompletionLogProbs(text_offset=[0], token_logprobs=[None], tokens=[first], top_logprobs=[None])
+    rest = completion_logprobs(prompt_ids[1:], scored[1:], len(first), tokenizer)
+    offset = len(first) + sum(len(t) for t in rest.tokens)
+    for part in (rest, completion):
+        out.tokens += part.tokens
+        out.token_logprobs += part.token_logprobs
+        out.top_logprobs += part.top_logprobs
+    out.text_offset += rest.text_offset + [offset + o - (completion.text_offset[0] if completion.text_offset else 0)
+                                           for o in completion.text_offset]
     return out
 
 
@@ -80,14 +99,18 @@ class OpenAIServingCompletion:
             raise bad_request("suffix is not supported", "suffix")
         if req.best_of is not None and req.best_of != req.n:
             raise bad_request("best_of must be unset or equal to n", "best_of")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo with logprobs needs prompt logprobs, which this server does not compute",
-                              "echo")
+        echo_logprobs = req.echo and req.logprobs is not None  # the prompt's logprobs (lm-eval's loglikelihood)
+        if echo_logprobs and req.stream:
+            raise bad_request("echo with logprobs is not supported with stream", "echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise bad_request("max_tokens must be at least 1 (0 is allowed only with echo)", "max_tokens")
         prompts = await self._prompts(req)
         max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
-        params = s.sampling_params(req, max_tokens, req.logprobs)
+        # max_tokens 0 with echo scores the prompt only: one token is computed and not returned.
+        params = s.sampling_params(req, max(max_tokens, 1), req.logprobs,
+                                   prompt_logprobs=req.logprobs if echo_logprobs else None)
         request_id = random_id("cmpl")
-        inputs = s.engine_inputs(request_id, prompts, params, arrival, "prompt", "max_tokens")
+        inputs = s.engine_inputs(request_id, prompts, params, arrival, "prompt", "max_tokens", req.cache_salt)
         group = await s.admit(inputs)
         try:
             if req.stream:
@@ -112,19 +135,29 @@ class OpenAIServingCompletion:
                   finals: list[RequestOutput]) -> CompletionResponse:
         choices = []
         completion_tokens = 0
+        tokenizer = self.serving.tokenizer
+        prompt_only = req.max_tokens == 0
         for pi, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
             prefix = prompt.text if req.echo else ""
             for c in final.outputs:
-                completion_tokens += len(c.token_ids)
+                ids, text = ([], "") if prompt_only else (c.token_ids, c.text)
+                completion_tokens += len(ids)
                 logprobs = None
                 if req.logprobs is not None and c.logprobs is not None:
-                    logprobs = completion_logprobs(c.token_ids, c.logprobs, len(prefix), self.serving.tokenizer)
-                choices.append(CompletionChoice(index=pi * req.n + c.index, text=prefix + c.text, logprobs=logprobs,
-                                                finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    logprobs = completion_logprobs(ids, c.logprobs, len(prefix), tokenizer)
+                    if req.echo:
+                        logprobs = echoed_prompt_logprobs(prompt.token_ids, final, tokenizer, logprobs)
+                choices.append(CompletionChoice(index=pi * req.n + c.index, text=prefix + text, logprobs=logprobs,
+                                                finish_reason="length" if prompt_only else c.finish_reason,
+                                                stop_reason=None if prompt_only else c.stop_reason))
         prompt_tokens = sum(len(p.token_ids) for p in prompts)
-        usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                          total_tokens=prompt_tokens + completion_tokens)
-        return CompletionResponse(id=request_id, model=self.serving.model_name, choices=choices, usage=usage)
+        cached = sum(f.num_cached_tokens or 0 for f in finals)
+        prompt_logprobs = None
+        if req.prompt_logprobs is not None:
+            prompt_logprobs = [prompt_logprobs_json(f, tokenizer) for f in finals]
+        return CompletionResponse(id=request_id, model=self.serving.model_name, choices=choices,
+                                  usage=usage(prompt_tokens, completion_tokens, cached),
+                                  prompt_logprobs=prompt_logprobs)
 
     async def _sse(self, req: CompletionRequest, request_id: str, prompts: list[Prompt], group: RequestGroup,
                    outputs: AsyncIterator[tuple[int, RequestOutput]], first: tuple[int, RequestOutput]
@@ -134,6 +167,7 @@ class OpenAIServingCompletion:
         offsets: dict[int, int] = {}  # choice index → text length sent (for logprobs text_offset)
         done: set[int] = set()
         completion_tokens: dict[int, int] = {}
+        cached_tokens: dict[int, int] = {}  # per prompt
 
         def chunk(index: int, text: str, logprobs: CompletionLogProbs | None, finish: str | None,
                   stop_reason: int | str | None = None) -> str:
@@ -168,6 +202,8 @@ class OpenAIServingCompletion:
             item: tuple[int, RequestOutput] | None = first
             while item is not None:
                 pi, out = item
+                if out.num_cached_tokens is not None:
+                    cached_tokens[pi] = out.num_cached_tokens
                 for c in out.outputs:
                     text = choice_chunk(pi, c)
                     if text is not None:
@@ -176,9 +212,8 @@ class OpenAIServingCompletion:
             if include_usage:
                 prompt_tokens = sum(len(p.token_ids) for p in prompts)
                 generated = sum(completion_tokens.values())
-                usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=generated,
-                                  total_tokens=prompt_tokens + generated)
-                body = CompletionResponse(id=request_id, model=self.serving.model_name, choices=[], usage=usage)
+                body = CompletionResponse(id=request_id, model=self.serving.model_name, choices=[],
+                                          usage=usage(prompt_tokens, generated, sum(cached_tokens.values())))
                 yield sse(body.model_dump_json())
         except Exception as e:  # headers are out: report in-band, as vLLM does
             yield sse(engine_error(e).response().body.decode())
