@@ -43,7 +43,8 @@ def compare(target: dict, baseline: dict) -> list[Row]:
         _row("Mean latency (end-to-end)", "s", target["e2e"]["mean"], baseline["e2e"]["mean"], False),
         _row("P95 latency (end-to-end)", "s", target["e2e"]["p95"], baseline["e2e"]["p95"], False),
         _row("Mean time to first token", "s", target["ttft"]["mean"], baseline["ttft"]["mean"], False),
-        _row("P50 time to first token", "s", target["ttft"]["p50"], baseline["ttft"]["p50"], False),
+        _row("P50 time to first token", "s", target["ttft"].get("p50", math.nan), baseline["ttft"].get("p50", math.nan),
+             False),
         _row("P95 time to first token", "s", target["ttft"]["p95"], baseline["ttft"]["p95"], False),
         _row("Mean inter-token latency", "s", target["itl"]["mean"], baseline["itl"]["mean"], False),
         _row("Total time", "s", target["duration_s"], baseline["duration_s"], False),
@@ -55,8 +56,8 @@ def compare(target: dict, baseline: dict) -> list[Row]:
         rows.append(w)
         rows.append(_row("Peak KV blocks allocated", "blocks", ts["kv_peak_allocated_blocks"],
                          bs["kv_peak_allocated_blocks"], False))
-        rows.append(_row("Mean KV blocks allocated", "blocks", ts["kv_mean_allocated_blocks"],
-                         bs["kv_mean_allocated_blocks"], False))
+        rows.append(_row("Mean KV blocks allocated", "blocks", ts.get("kv_mean_allocated_blocks", math.nan),
+                         bs.get("kv_mean_allocated_blocks", math.nan), False))
     th = (target.get("prefix_cache") or {}).get("hit_rate")
     bh = (baseline.get("prefix_cache") or {}).get("hit_rate")
     if th is not None and bh is not None:

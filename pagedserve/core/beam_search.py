@@ -1,6 +1,6 @@
 """Engine-agnostic beam search: a step-by-step state machine that makes HF transformers' decisions.
 
-What transformers (5.x ``GenerationMixin._beam_search``, ``do_sample=False``) does, and this module copies:
+What the installed transformers (5.24, ``GenerationMixin._beam_search``, ``do_sample=False``) does, copied here:
 
 * Seeding: k copies of the prompt, beam 0 scored 0 and beams 1..k-1 scored -1e9, so the first step only
   takes beam 0's tokens. The copies are identical, so we start from ONE live beam; its row alone gives the

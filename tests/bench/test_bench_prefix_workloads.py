@@ -123,3 +123,37 @@ def test_parse_prefix_counters():
             "vllm:prefix_cache_hits_total_created 1.7e9\n")
     assert parse_prefix_counters(text) == {"queries": 120.0, "hits": 30.0}
     assert parse_prefix_counters("other_metric 1\n") == {}
+
+
+def test_http_run_reads_cached_tokens_and_metrics():
+    """Over HTTP: usage.prompt_tokens_details.cached_tokens per response, and /metrics counters around the run."""
+    import json
+
+    import httpx
+
+    from pagedserve.bench.metrics import summarize
+    from pagedserve.bench.runners.openai_client import run_openai
+
+    scrapes = iter([120.0, 220.0])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        if request.url.path == "/metrics":
+            q = next(scrapes)
+            return httpx.Response(200, text=f"vllm:prefix_cache_queries_total {q}\nvllm:prefix_cache_hits_total {q / 2}\n")
+        body = json.loads(request.content)
+        usage = {"prompt_tokens": 50, "completion_tokens": body["max_tokens"],
+                 "prompt_tokens_details": {"cached_tokens": 40 if body["prompt"].endswith("1") else 0}}
+        events = [{"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]} for i in range(body["max_tokens"])]
+        events.append({"choices": [], "usage": usage})
+        sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=sse.encode())
+
+    wl = prefix_workload(2, prefix_tokens=60, max_tokens_cap=2)
+    wl.requests[1].prompt += " 1"
+    run = run_openai(wl, "http://127.0.0.1:9", system="fake", progress=False, transport=httpx.MockTransport(handler))
+    assert [r.cached_tokens for r in run.requests] == [0, 40]
+    assert run.prefix_cache == {"queries": 100, "hits": 50, "source": "server /metrics"}
+    pc = summarize(run)["prefix_cache"]
+    assert pc["hit_rate"] == pytest.approx(0.4) and pc["source"] == "per-request cached tokens"
