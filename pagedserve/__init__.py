@@ -1,6 +1,7 @@
 """pagedserve: a readable LLM inference engine with a paged KV cache and continuous batching."""
 
 from pagedserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
@@ -20,5 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineConfig", "CacheConfig", "SchedulerConfig",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "BeamSearchParams", "EngineConfig", "CacheConfig", "SchedulerConfig",
            "RequestOutput", "CompletionOutput", "RequestMetrics", "Logprob", "__version__"]

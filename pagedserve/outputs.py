@@ -56,6 +56,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
     text_delta: str = ""  # text released since the previous output (streaming)
     token_ids_delta: list[int] = field(default_factory=list)
+    cumulative_logprob: float | None = None  # beam search: the beam's summed logprob (its score ranks it)
 
     @property
     def finished(self) -> bool:

@@ -183,9 +183,19 @@ class KVCacheManager:
         ps = self.prefix_stats
         return KVCacheStats(total_blocks=self.pool.num_blocks, used_blocks=self.pool.num_blocks - free,
                             free_blocks=free, block_size=self.block_size,
-                            used_slots=sum(self._used_slots.values()), active_requests=len(self.block_tables),
+                            used_slots=self._filled_slots(), active_requests=len(self.block_tables),
                             cached_blocks=self.pool.num_cached_free, prefix_cache_queries=ps.queries,
                             prefix_cache_hits=ps.hits)
+
+    def _filled_slots(self) -> int:
+        """Slots holding a token, each physical block counted once however many tables share it."""
+        bs = self.block_size
+        fill: dict[int, int] = {}
+        for rid, table in self.block_tables.items():
+            used = self._used_slots.get(rid, 0)
+            for i, block in enumerate(table[:self.blocks_needed(used)]):
+                fill[block] = max(fill.get(block, 0), min(bs, used - i * bs))
+        return sum(fill.values())
 
     def snapshot(self) -> list[BlockInfo]:
         """Every physical block: who holds it, its reference count, how full it is."""

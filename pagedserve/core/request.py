@@ -52,6 +52,7 @@ class Request:
         self.block_hashes: list[bytes] = []  # of its full blocks, filled in by the KV manager
         self.num_cached_tokens: int | None = None  # prompt tokens its first admission found cached
         self.prompt_logprobs: list = []  # RawLogprobs of prompt tokens 1.., gathered chunk by chunk
+        self.beam_group: str | None = None  # a beam of this beam search (its logits rows go to the group)
 
     @property
     def all_token_ids(self) -> list[int]:

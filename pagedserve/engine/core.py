@@ -79,9 +79,12 @@ class EngineCore:
         return self.kv.pool.num_blocks * self.kv.block_size
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(Request(request.request_id, request.prompt_token_ids, request.params,
-                                           request.eos_token_id, request.arrival_time, request.seed,
-                                           request.cache_salt), fork_of=request.fork_of)
+        req = Request(request.request_id, request.prompt_token_ids, request.params, request.eos_token_id,
+                      request.arrival_time, request.seed, request.cache_salt)
+        if request.beam_search is not None:
+            self.scheduler.add_beam_search(req, request.beam_search)
+        else:
+            self.scheduler.add_request(req, fork_of=request.fork_of)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
         """Finish them now and free their blocks; returns the ids that were still in the core."""

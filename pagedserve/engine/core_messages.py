@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedserve.core.beam_search import BeamHypothesis, BeamSearchParams
 from pagedserve.sampling_params import SamplingParams
 
 # Per sampled token: (its logprob, [(token id, logprob)] top-N of the final distribution).
@@ -29,6 +30,7 @@ class EngineCoreRequest:
     # n > 1: the sibling whose prompt this sequence shares (the core forks it from that one's blocks
     # once its prompt is computed, instead of computing the prompt again).
     fork_of: str | None = None
+    beam_search: BeamSearchParams | None = None  # beam search in the core instead of sampling
 
 
 @dataclass
@@ -42,6 +44,7 @@ class EngineCoreOutput:
     num_preemptions: int = 0
     num_cached_tokens: int | None = None  # on the first output: prompt tokens served from the prefix cache
     prompt_logprobs: list[RawLogprob] | None = None  # on the first output: prompt tokens 1.. (when asked)
+    beams: list[BeamHypothesis] | None = None  # a finished beam search: its beams, best first
 
     @property
     def finished(self) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.engine.core_messages import EngineCoreRequest
 from pagedserve.sampling_params import SamplingParams
 
@@ -35,10 +36,14 @@ class EngineInput:
     arrival_time: float
     eos_token_id: int | None
     cache_salt: str | None = None
+    beam_search: BeamSearchParams | None = None  # then params only carry max_tokens (the length check)
 
     def core_requests(self) -> list[EngineCoreRequest]:
         """n > 1 becomes n sequences `id#i`, seeded seed + i; all but the first fork from the first's
         prompt blocks."""
+        if self.beam_search is not None:  # one core request: the core forks its beams
+            return [EngineCoreRequest(self.request_id, self.prompt_token_ids, self.params, self.eos_token_id,
+                                      self.arrival_time, None, self.cache_salt, beam_search=self.beam_search)]
         n = self.params.n
         ids = [self.request_id] if n == 1 else [f"{self.request_id}#{i}" for i in range(n)]
         return [EngineCoreRequest(rid, self.prompt_token_ids, self.params, self.eos_token_id, self.arrival_time,
@@ -139,6 +144,24 @@ class InputProcessor:
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         return self.process_tokens(request_id, text, ids, params, arrival_time, prompt_field, max_tokens_field,
                                    cache_salt=salt)
+
+    def process_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
+                            arrival_time: float) -> EngineInput:
+        """A beam search request: the same prompt checks, and beams that must fit the cache together."""
+        if not isinstance(params, BeamSearchParams):
+            raise InputError("params must be a BeamSearchParams", "params")
+        text, ids = self.tokenize_prompt(prompt)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        sampling = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
+        self.check_length(len(ids), params.max_tokens)
+        need = len(ids) + params.beam_width * (params.max_tokens + 1)
+        if need > self.capacity_tokens:
+            raise InputError(f"beam_width={params.beam_width} beams of up to {params.max_tokens} tokens after a "
+                             f"{len(ids)}-token prompt need {need} KV slots; the cache holds "
+                             f"{self.capacity_tokens}", "beam_width")
+        inp = self.process_tokens(request_id, text, ids, sampling, arrival_time, cache_salt=salt)
+        inp.beam_search = params
+        return inp
 
     def process_tokens(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
                        arrival_time: float, prompt_field: str = "prompt",

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheStats
 from pagedserve.engine.core import EngineCore, StepRecord
 from pagedserve.engine.input_processor import EngineInput, InputError, InputProcessor, PromptType
@@ -110,13 +111,17 @@ class LLMEngine:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def process_input(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
+    def process_input(self, request_id: str | None, prompt: PromptType,
+                      params: SamplingParams | BeamSearchParams | None = None,
                       arrival_time: float | None = None) -> EngineInput:
         request_id = str(next(self._ids)) if request_id is None else request_id
         arrival = time.monotonic() if arrival_time is None else arrival_time
+        if isinstance(params, BeamSearchParams):
+            return self.input_processor.process_beam_search(request_id, prompt, params, arrival)
         return self.input_processor.process(request_id, prompt, params, arrival)
 
-    def add_request(self, request_id: str | None, prompt: PromptType, params: SamplingParams | None = None,
+    def add_request(self, request_id: str | None, prompt: PromptType,
+                    params: SamplingParams | BeamSearchParams | None = None,
                     arrival_time: float | None = None) -> str:
         """Validate and queue a request. Raises ValueError (naming the field) before touching the engine."""
         return self.add_processed(self.process_input(request_id, prompt, params, arrival_time))

@@ -28,6 +28,7 @@ class _Sample:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     emitted_tokens: int = 0
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -67,12 +68,14 @@ class OutputProcessor:
 
     def add_request(self, request: EngineInput, core_ids: list[str]) -> None:
         p = request.params
+        if request.beam_search is not None:  # the beams arrive together at the end: one sample per beam
+            core_ids = core_ids * request.beam_search.beam_width
         samples = [_Sample(i, cid, IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, p.stop,
                                                            p.include_stop_str_in_output, p.skip_special_tokens))
                    for i, cid in enumerate(core_ids)]
         group = _Group(request, samples, RequestMetrics(request.arrival_time, None, None, None))
         self._groups[request.request_id] = group
-        for s in samples:
+        for s in samples[::-1]:  # the first sample of a core id is the one it maps to
             self._by_core_id[s.core_id] = (group, s)
 
     def process_outputs(self, core: EngineCoreOutputs) -> ProcessedOutputs:
@@ -83,6 +86,10 @@ class OutputProcessor:
             if entry is None:
                 continue  # aborted here meanwhile
             group, sample = entry
+            if out.beams is not None:
+                self._apply_beams(group, out, core.timestamp)
+                touched[group.request.request_id] = group
+                continue
             if sample.finish_reason is not None:
                 continue  # stopped here on a stop string; the core's later tokens are dropped
             if self._apply(group, sample, out, core.timestamp):
@@ -128,6 +135,23 @@ class OutputProcessor:
             self._finish(group, sample, out.finish_reason, out.stop_reason, now)
         return False
 
+    def _apply_beams(self, group: _Group, out: EngineCoreOutput, now: float) -> None:
+        """A finished beam search: each beam is a sample, best first (the EOS token not in the text)."""
+        m = group.metrics
+        m.first_scheduled_time = out.first_scheduled_time
+        m.first_token_time = m.first_token_time or now
+        for sample, beam in zip(group.samples, out.beams, strict=False):
+            ids = beam.token_ids
+            sample.token_ids = list(ids)
+            text_ids = ids[:-1] if beam.finish_reason == "stop" else ids
+            for token in text_ids:
+                sample.detok.add_token(token, check_stop=False)
+            sample.cumulative_logprob = beam.cum_logprob
+            self._finish(group, sample, beam.finish_reason, None, now)
+        for sample in group.samples[len(out.beams):]:  # fewer beams than asked (a tiny vocabulary)
+            self._finish(group, sample, out.finish_reason, None, now)
+        group.samples = group.samples[:max(1, len(out.beams))]
+
     def _finish(self, group: _Group, sample: _Sample, reason: str, stop_reason: int | str | None,
                 now: float) -> None:
         sample.finish_reason, sample.stop_reason = reason, stop_reason
@@ -165,7 +189,8 @@ class OutputProcessor:
                 index=s.index, text=s.detok.text, token_ids=list(s.token_ids),
                 logprobs=list(s.logprobs) if want_logprobs else None,
                 finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-                text_delta=s.detok.release(finished), token_ids_delta=s.token_ids[s.emitted_tokens:]))
+                text_delta=s.detok.release(finished), token_ids_delta=s.token_ids[s.emitted_tokens:],
+                cumulative_logprob=s.cumulative_logprob))
             s.emitted_tokens = len(s.token_ids)
         r = group.request
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished=group.finished,

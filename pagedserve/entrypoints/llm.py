@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tqdm import tqdm
 
 from pagedserve.config import EngineConfig
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.engine.llm_engine import LLMEngine, PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
 
 Message = dict[str, str]
+
+
+@dataclass
+class BeamSearchSequence:
+    tokens: list[int]  # generated tokens (the EOS that ended a beam included, as transformers returns them)
+    text: str
+    cum_logprob: float
+    finish_reason: str  # "stop" (EOS) or "length"
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first
 
 
 class LLM:
@@ -53,6 +68,25 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search: each prompt's beams (tokens, text, cumulative logprob), best first.
+        The search runs inside the engine core, its beams sharing KV blocks."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = []
+        try:
+            for prompt in prompts:
+                ids.append(self.engine.add_request(None, prompt, params))
+        except Exception:
+            self.engine.abort_request(ids)
+            self.engine.step()
+            raise
+        results = self._run(ids, use_tqdm)
+        return [BeamSearchOutput([BeamSearchSequence(c.token_ids, c.text, c.cumulative_logprob, c.finish_reason)
+                                  for c in r.outputs]) for r in results]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's name); False while requests still hold blocks."""

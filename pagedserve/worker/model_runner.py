@@ -109,8 +109,10 @@ class ModelRunner:
         logprobs = None
         if any(lp is not None for lp in result.logprobs):
             logprobs = [None if lp is None else [lp] for lp in result.logprobs]
+        rows = {r.request_id: logits[i].float().clone() for i, r in enumerate(inputs.sampled)
+                if r.beam_group is not None}
         return ModelRunnerOutput([r.request_id for r in inputs.sampled],
-                                 [[t] for t in result.token_ids], logprobs, prompt_logprobs)
+                                 [[t] for t in result.token_ids], logprobs, prompt_logprobs, rows)
 
     def _score_prompt(self, hidden: torch.Tensor, req: Request, row: int, start: int,
                       rows: int) -> list[RawLogprob]:

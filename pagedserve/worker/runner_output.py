@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from pagedserve.engine.core_messages import RawLogprob
 
 
@@ -17,6 +19,8 @@ class ModelRunnerOutput:
     # Requests that asked for prompt logprobs: (first prompt position scored, RawLogprobs of the prompt
     # tokens this step's chunk predicts).
     prompt_logprobs: dict[str, tuple[int, list[RawLogprob]]] = field(default_factory=dict)
+    # Beams of a beam search: the whole next-token logits row (float32), which the search ranks.
+    logits_rows: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def index(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.req_ids)}

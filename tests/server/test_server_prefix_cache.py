@@ -92,3 +92,28 @@ def test_tokenizer_info(server):
         info = c.get("/tokenizer_info").json()
     assert info["vocab_size"] > 0 and info["eos_token"] and "chat_template" in info
     assert info["model_max_length"] > 0
+
+
+def test_use_beam_search_on_both_endpoints(server, tiny_llama_dir):
+    from pagedserve import LLM, BeamSearchParams
+
+    r = _complete(server, prompt="Hello world", max_tokens=8, n=3, use_beam_search=True, ignore_eos=True)
+    texts = [c["text"] for c in sorted(r["choices"], key=lambda c: c["index"])]
+    offline = LLM(str(tiny_llama_dir), num_blocks=64, block_size=4).beam_search(
+        "Hello world", BeamSearchParams(beam_width=3, max_tokens=8, ignore_eos=True))[0]
+    assert texts == [s.text for s in offline.sequences]
+    chat = server.post("/v1/chat/completions", json={"model": server.model, "max_tokens": 6, "n": 2,
+                                                     "use_beam_search": True,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200, chat.text
+    assert len(chat.json()["choices"]) == 2
+    server.wait_idle()
+
+
+@pytest.mark.parametrize(("extra", "param"), [({"top_p": 0.5}, "top_p"), ({"seed": 1}, "seed"),
+                                               ({"stream": True}, "stream"), ({"n": 0}, "n")])
+def test_beam_search_refuses_sampling_fields(server, extra, param):
+    r = server.post("/v1/completions", json={"model": server.model, "prompt": "hi", "max_tokens": 4,
+                                             "use_beam_search": True, "n": 2, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param

@@ -13,9 +13,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
 from pagedserve.config import SchedulerConfig
+from pagedserve.core.beam_search import BeamSearchParams, beam_logprobs
 from pagedserve.core.kv_cache_manager import KVCacheManager
 from pagedserve.core.request import Request, RequestStatus
+from pagedserve.core.sched.beam_group import BeamGroup
 from pagedserve.core.sched.continuous import schedule_continuous
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.static import schedule_static
@@ -42,9 +46,31 @@ class Scheduler:
         self._finished_ids: set[str] = set()
         # n > 1 siblings waiting for the first sibling's prompt, by that sibling's id.
         self._forks: dict[str, list[Request]] = {}
+        self.beam_groups: dict[str, BeamGroup] = {}
         policies: dict[str, Callable[[Scheduler], SchedulerOutput]] = {
             "continuous": schedule_continuous, "static": schedule_static}
         self._policy = policies[config.policy]
+
+    def add_beam_search(self, request: Request, params: BeamSearchParams) -> None:
+        """A beam search: the request is its first beam (the prompt, computed once)."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+        request.beam_group = request.request_id
+        self.beam_groups[request.request_id] = BeamGroup.start(request, params)
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def drop_beam(self, beam: Request) -> None:
+        """A beam the search no longer follows: out of the queues, its blocks back at once."""
+        beam.status = RequestStatus.FINISHED_STOPPED
+        if beam in self.running:
+            self.running.remove(beam)
+        elif beam in self.waiting:
+            self.waiting.remove(beam)
+        self.kv.free(beam)
+        if self.requests.get(beam.request_id) is beam:
+            del self.requests[beam.request_id]
+        self._finished_ids.add(beam.request_id)
 
     def add_request(self, request: Request, fork_of: str | None = None) -> None:
         """Queue a request. With `fork_of` (an n > 1 sibling), it shares that request's prompt: it
@@ -127,8 +153,20 @@ class Scheduler:
                                         outputs)
             if not new_ids:
                 continue  # a prompt chunk that did not reach the prompt's end
+            if req.beam_group is not None:
+                self._beam_step(req, runner.logits_rows[req.request_id], outputs)
+                continue
             self._append_tokens(req, new_ids, runner.logprobs[row] if runner.logprobs else None, outputs)
         return EngineCoreOutputs(outputs, now)
+
+    def _beam_step(self, beam: Request, logits: torch.Tensor, outputs: list[EngineCoreOutput]) -> None:
+        group = self.beam_groups[beam.beam_group]
+        final = group.report(beam, beam_logprobs(logits, group.params.temperature), self)
+        if final is not None:
+            del self.beam_groups[group.request_id]
+            reason = "stop" if final and final[0].finish_reason == "stop" else "length"
+            outputs.append(EngineCoreOutput(group.request_id, [], finish_reason=reason, beams=final,
+                                            first_scheduled_time=beam.first_scheduled_time))
 
     def _append_tokens(self, req: Request, new_ids: list[int], logprobs: list | None,
                        outputs: list[EngineCoreOutput]) -> None:
@@ -194,6 +232,12 @@ class Scheduler:
         """Abort those still in the core; returns the ids that were."""
         aborted = []
         for rid in request_ids:
+            group = self.beam_groups.pop(rid, None)
+            if group is not None:  # every beam, parked ones included
+                for beam in group.all_sequences():
+                    self.drop_beam(beam)
+                aborted.append(rid)
+                continue
             req = self.requests.get(rid)
             if req is not None and not req.is_finished:
                 self.finish_request(req, RequestStatus.FINISHED_ABORTED)

@@ -52,7 +52,8 @@ def internal_error(message: str) -> APIError:
 
 
 _FIELD = re.compile(r"^([a-z_][a-z0-9_]*) ")
-_KNOWN_FIELDS = set(SamplingParams.__dataclass_fields__) | {"prompt", "prompt_token_ids", "messages"}
+_KNOWN_FIELDS = set(SamplingParams.__dataclass_fields__) | {"prompt", "prompt_token_ids", "messages", "beam_width",
+                                                             "length_penalty", "early_stopping"}
 
 
 def from_value_error(e: ValueError, renames: dict[str, str] | None = None) -> APIError:

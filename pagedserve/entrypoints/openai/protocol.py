@@ -53,6 +53,9 @@ class SamplingFields(OpenAIModel):
     skip_special_tokens: bool = True
     prompt_logprobs: int | None = None
     cache_salt: str | None = None  # only requests with the same salt share cached prefix blocks
+    use_beam_search: bool = False  # with n = the beam width
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -23,6 +23,7 @@ from pagedserve.entrypoints.openai.errors import (
 )
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.outputs import RequestOutput
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -140,6 +141,37 @@ class OpenAIServing:
                     for i, p in enumerate(prompts)]
         except InputError as e:
             raise input_error(e) from None
+
+    def beam_inputs(self, request_id: str, req: SamplingFields, prompts: Sequence[Prompt], max_tokens: int,
+                    arrival_time: float, prompt_param: str) -> list[EngineInput]:
+        """use_beam_search (vLLM's extension): n is the beam width; sampling-only fields are refused."""
+        sampling_only = {"top_p": req.top_p not in (None, 1.0), "top_k": req.top_k not in (None, -1),
+                         "min_p": req.min_p not in (None, 0.0), "seed": req.seed is not None,
+                         "presence_penalty": req.presence_penalty not in (None, 0.0),
+                         "frequency_penalty": req.frequency_penalty not in (None, 0.0),
+                         "repetition_penalty": req.repetition_penalty not in (None, 1.0),
+                         "stream": req.stream, "stop": bool(req.stop), "stop_token_ids": bool(req.stop_token_ids),
+                         "min_tokens": req.min_tokens != 0, "prompt_logprobs": req.prompt_logprobs is not None}
+        for name, set_ in sampling_only.items():
+            if set_:
+                raise bad_request(f"{name} cannot be combined with use_beam_search", name)
+        try:
+            params = BeamSearchParams(beam_width=req.n, max_tokens=max_tokens, ignore_eos=req.ignore_eos,
+                                      temperature=req.temperature or 0.0, length_penalty=req.length_penalty,
+                                      early_stopping=req.early_stopping)
+            out = []
+            for i, p in enumerate(prompts):
+                prompt = {"prompt_token_ids": p.token_ids}
+                if req.cache_salt is not None:
+                    prompt["cache_salt"] = req.cache_salt
+                inp = self.inputs.process_beam_search(f"{request_id}-{i}", prompt, params, arrival_time)
+                inp.prompt = p.text or None
+                out.append(inp)
+            return out
+        except InputError as e:
+            raise input_error(e) from None
+        except ValueError as e:
+            raise from_value_error(e, {"beam_width": "n"}) from None
 
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
                         renames: dict[str, str] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:

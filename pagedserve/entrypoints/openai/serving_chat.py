@@ -93,7 +93,12 @@ class OpenAIServingChat:
         params = s.sampling_params(req, max_tokens, logprobs,
                                    renames={"logprobs": "top_logprobs", "max_tokens": max_param})
         request_id = random_id("chatcmpl")
-        inputs = s.engine_inputs(request_id, [Prompt("", ids)], params, arrival, "messages", max_param, req.cache_salt)
+        if req.use_beam_search:
+            beam_max = max_tokens if max_tokens is not None else s.inputs.limit - len(ids)
+            inputs = s.beam_inputs(request_id, req, [Prompt("", ids)], beam_max, arrival, "messages")
+        else:
+            inputs = s.engine_inputs(request_id, [Prompt("", ids)], params, arrival, "messages", max_param,
+                                     req.cache_salt)
         group = await s.admit(inputs)
         try:
             if req.stream:

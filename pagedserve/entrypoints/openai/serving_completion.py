@@ -110,7 +110,10 @@ class OpenAIServingCompletion:
         params = s.sampling_params(req, max(max_tokens, 1), req.logprobs,
                                    prompt_logprobs=req.logprobs if echo_logprobs else None)
         request_id = random_id("cmpl")
-        inputs = s.engine_inputs(request_id, prompts, params, arrival, "prompt", "max_tokens", req.cache_salt)
+        if req.use_beam_search:
+            inputs = s.beam_inputs(request_id, req, prompts, max(max_tokens, 1), arrival, "prompt")
+        else:
+            inputs = s.engine_inputs(request_id, prompts, params, arrival, "prompt", "max_tokens", req.cache_salt)
         group = await s.admit(inputs)
         try:
             if req.stream:
