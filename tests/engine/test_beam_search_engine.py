@@ -38,7 +38,6 @@ def test_beams_equal_transformers_on_a_tiny_model(tiny_llama_dir, k, options):
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ref = _hf_beams(hf, tok.encode(prompt), k, 10, tok.eos_token_id, 0.5)
         assert [s.tokens for s in out.sequences] == ref, prompt
-        assert all(a.cum_logprob >= b.cum_logprob - 5 for a, b in zip(out.sequences, out.sequences[1:]))
     st = llm.engine.kv_stats()
     assert st.free_blocks == st.total_blocks and st.active_requests == 0
 

@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from fastapi import Request
 
+from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStepError
 from pagedserve.engine.input_processor import EngineInput, InputError
 from pagedserve.engine.protocol import EngineClient
@@ -23,7 +24,6 @@ from pagedserve.entrypoints.openai.errors import (
 )
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.outputs import RequestOutput
-from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.sampling_params import SamplingParams
 
 T = TypeVar("T")
