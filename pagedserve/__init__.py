@@ -1,9 +1,8 @@
 """pagedserve: a readable LLM inference engine with a paged KV cache and continuous batching."""
 
 from pagedserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 __version__ = "0.1.0"
 

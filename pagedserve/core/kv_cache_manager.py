@@ -138,12 +138,13 @@ class KVCacheManager:
         if not table:
             return
         num_full = min(request.num_computed_tokens, request.num_tokens) // self.block_size
-        if num_full == 0 or (len(request.block_hashes) >= num_full
-                             and self.pool.block_hashes[table[num_full - 1]] is not None):
+        if num_full <= request.num_offered_blocks:
             return
         extend_block_hashes(request.block_hashes, request.all_token_ids, self.block_size, request.cache_salt)
-        for block, block_hash in zip(table[:num_full], request.block_hashes[:num_full], strict=True):
+        start = request.num_offered_blocks
+        for block, block_hash in zip(table[start:num_full], request.block_hashes[start:num_full], strict=True):
             self.pool.cache_block(block, block_hash)
+        request.num_offered_blocks = num_full
 
     def record_prefix_query(self, request: Request, num_hit_tokens: int) -> None:
         """Count an admission's lookup (once it succeeded; a retry next step is not a new query)."""
@@ -167,6 +168,7 @@ class KVCacheManager:
         return computed
 
     def free(self, request: Request) -> None:
+        request.num_offered_blocks = 0  # a new table (after a preemption) is offered again
         table = self.block_tables.pop(request.request_id, None)
         self._used_slots.pop(request.request_id, None)
         if table:

@@ -50,6 +50,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.cache_salt = cache_salt
         self.block_hashes: list[bytes] = []  # of its full blocks, filled in by the KV manager
+        self.num_offered_blocks = 0  # leading blocks of its table already offered to the prefix cache
         self.num_cached_tokens: int | None = None  # prompt tokens its first admission found cached
         self.prompt_logprobs: list = []  # RawLogprobs of prompt tokens 1.., gathered chunk by chunk
         self.beam_group: str | None = None  # a beam of this beam search (its logits rows go to the group)

@@ -8,9 +8,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, replace
 
-from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.engine.core_messages import EngineCoreRequest
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = str | list[int] | dict
 Message = dict[str, str]

@@ -14,7 +14,6 @@ import time
 from collections.abc import Sequence
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheStats
 from pagedserve.engine.core import EngineCore, StepRecord
 from pagedserve.engine.input_processor import EngineInput, InputError, InputProcessor, PromptType
@@ -22,7 +21,7 @@ from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.protocol import EngineStats, ModelInfo
 from pagedserve.model.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = ["LLMEngine", "PromptType", "StepRecord"]
 

@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from pagedserve.config import EngineConfig
-from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.engine.llm_engine import LLMEngine, PromptType
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 Message = dict[str, str]
 

@@ -46,3 +46,31 @@ def test_parity_with_chunked_prefill(hf_reference):
 def test_parity_static_policy(hf_reference):
     llm = LLM("smollm2-135m", policy="static", max_num_seqs=3, device=ENGINE_DEVICE)
     _check(llm, hf_reference)
+
+
+def test_parity_with_the_cache_warm_and_partly_hit(hf_smollm2, smollm2_tokenizer):
+    """The real model, prompts sharing a long prefix: cold, then warm (whole prompts cached), then a
+    second batch hitting only the shared part — the same tokens as transformers each time, and the
+    same logits bit for bit cold and warm."""
+    shared = ("You are a careful assistant. Answer in one short sentence, and never make up facts. "
+              "If you do not know, say so plainly. ") * 4
+    questions = ["What is the capital of France?", "Why is the sky blue?", "What do bees make?"]
+    prompts = [shared + q for q in questions]
+    eos = smollm2_tokenizer.eos_token_id
+    reference = [hf_greedy(hf_smollm2, smollm2_tokenizer.encode(p), 24, eos) for p in prompts]
+    llm = LLM("smollm2-135m", device=ENGINE_DEVICE, block_size=16)
+    rows: list = []
+    compute = llm.engine.model.compute_logits
+    llm.engine.model.compute_logits = lambda h: rows.append(compute(h).clone()) or rows[-1]
+    params = SamplingParams(temperature=0, max_tokens=24)
+    runs = []
+    for prompt_set in ([prompts[0]], [prompts[0]], prompts[1:]):  # cold, warm, partial hit (batched)
+        rows.clear()
+        outs = llm.generate(prompt_set, params, use_tqdm=False)
+        runs.append((outs, [r for r in rows]))
+    (cold, cold_rows), (warm, warm_rows), (partial, _) = runs
+    assert cold[0].num_cached_tokens == 0 and warm[0].num_cached_tokens > 0
+    assert all(o.num_cached_tokens > 0 for o in partial)
+    assert cold[0].outputs[0].token_ids == warm[0].outputs[0].token_ids == reference[0]
+    assert [o.outputs[0].token_ids for o in partial] == reference[1:]
+    assert len(cold_rows) == len(warm_rows) and all(a.equal(b) for a, b in zip(cold_rows, warm_rows, strict=True))

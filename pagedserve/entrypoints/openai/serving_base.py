@@ -10,7 +10,6 @@ from typing import TypeVar
 
 from fastapi import Request
 
-from pagedserve.core.beam_search import BeamSearchParams
 from pagedserve.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStepError
 from pagedserve.engine.input_processor import EngineInput, InputError
 from pagedserve.engine.protocol import EngineClient
@@ -24,7 +23,7 @@ from pagedserve.entrypoints.openai.errors import (
 )
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.outputs import RequestOutput
-from pagedserve.sampling_params import SamplingParams
+from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 T = TypeVar("T")
 OFF_LOOP_CHARS = 8192
