@@ -52,11 +52,15 @@ def print_timeline(records) -> None:
               f"{1000 * sum(durations) / len(durations):.1f} ms/step")
 
 
-def run_engine(policy: str, work, max_num_seqs: int, device: str, timeline: bool = False) -> tuple[dict, list]:
-    llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, device=device)
+def run_engine(system: str, work, max_num_seqs: int, device: str, timeline: bool = False) -> tuple[dict, list]:
+    """`system` is a policy, optionally suffixed `-nocache` (prefix caching off, for its A/B)."""
+    policy, _, variant = system.partition("-")
+    llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, device=device,
+              enable_prefix_caching=variant != "nocache")
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()  # the run starts cold: no request finds the warm-up's blocks
     llm.engine.record_steps = True
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -67,7 +71,9 @@ def run_engine(policy: str, work, max_num_seqs: int, device: str, timeline: bool
     assert tokens == sum(m for _, m in work)
     records = llm.engine.step_records
     decode = batch_gain.decode_steps(step_sample(s, records[0].start) for s in records)
-    return {"system": f"pagedserve-{policy}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed}, decode
+    kv = llm.engine.kv_stats()
+    return {"system": f"pagedserve-{system}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+            "prefix_cache_hit_rate": kv.prefix_cache_hit_rate}, decode
 
 
 def run_hf(work, batch_size: int, device: str) -> dict:
@@ -122,7 +128,8 @@ def main() -> None:
             r = run_hf(work, args.hf_batch_size, args.device)
         else:
             r, decode_steps[system] = run_engine(system, work, args.max_num_seqs, args.device, args.timeline)
-        print(f"{r['system']:>28}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_per_s']:.1f} tok/s")
+        hit = f", prefix-cache hit rate {r['prefix_cache_hit_rate']:.1%}" if "prefix_cache_hit_rate" in r else ""
+        print(f"{r['system']:>28}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_per_s']:.1f} tok/s{hit}")
         results.append(r)
     by = {r["system"].split("-")[-1] if r["system"].startswith("pagedserve") else "hf": r for r in results}
     if "continuous" in by:
