@@ -53,11 +53,13 @@ def print_timeline(records) -> None:
 
 
 def run_engine(system: str, work, max_num_seqs: int, device: str, timeline: bool = False) -> tuple[dict, list]:
-    """`system` is a policy, optionally suffixed `-nocache` (prefix caching off, for its A/B)."""
+    """`system` is a policy, optionally suffixed `-nocache` (prefix caching off) or `-salted` (caching on,
+    every request its own cache_salt: all of the caching work, no hits), for the caching A/B."""
     policy, _, variant = system.partition("-")
     llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, device=device,
               enable_prefix_caching=variant != "nocache")
-    prompts = [{"prompt_token_ids": ids} for ids, _ in work]
+    prompts = [{"prompt_token_ids": ids} | ({"cache_salt": f"r{i}"} if variant == "salted" else {})
+               for i, (ids, _) in enumerate(work)]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     llm.reset_prefix_cache()  # the run starts cold: no request finds the warm-up's blocks

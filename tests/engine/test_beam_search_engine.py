@@ -77,3 +77,12 @@ def test_bad_beam_params_are_refused(tiny_llama_dir):
         llm.beam_search("Hello", BeamSearchParams(beam_width=16, max_tokens=60))  # cannot fit 128 slots
     st = llm.engine.kv_stats()
     assert st.free_blocks == st.total_blocks
+
+
+def test_beam_search_needs_the_continuous_policy(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), num_blocks=64, block_size=4, policy="static")
+    with pytest.raises(ValueError, match="continuous policy"):
+        llm.beam_search("Hello", BeamSearchParams(beam_width=2, max_tokens=4))
+    assert not llm.engine.has_unfinished_requests()
+    st = llm.engine.kv_stats()
+    assert st.free_blocks == st.total_blocks

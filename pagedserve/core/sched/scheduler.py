@@ -55,6 +55,8 @@ class Scheduler:
         """A beam search: the request is its first beam (the prompt, computed once)."""
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in the engine")
+        if self.config.policy != "continuous":  # static reservations cannot follow forking beams
+            raise ValueError(f"beam search needs the continuous policy, this engine runs {self.config.policy!r}")
         request.beam_group = request.request_id
         self.beam_groups[request.request_id] = BeamGroup.start(request, params)
         self.requests[request.request_id] = request
