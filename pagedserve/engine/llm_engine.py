@@ -131,8 +131,12 @@ class LLMEngine:
             raise InputError(f"request_id {request.request_id!r} is already in use", "request_id")
         core_requests = request.core_requests()
         self.output_processor.add_request(request, [r.request_id for r in core_requests])
-        for r in core_requests:
-            self.core.add_request(r)
+        try:
+            for r in core_requests:
+                self.core.add_request(r)
+        except Exception:  # the core refused it: leave nothing of it behind, on either side
+            self.abort_request(request.request_id)
+            raise
         return request.request_id
 
     def abort_request(self, request_id: str | Sequence[str]) -> None:
