@@ -99,7 +99,6 @@ class BeamSearchParams:
     temperature: float = 0.0  # > 0: the engine divides logits by it before log_softmax (see beam_logprobs)
     length_penalty: float = 1.0
     early_stopping: bool | str = False  # HF's: True, False or "never"
-    include_stop_str_in_output: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) \
@@ -116,5 +115,3 @@ class BeamSearchParams:
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        if not isinstance(self.include_stop_str_in_output, bool):
-            raise ValueError(f"include_stop_str_in_output must be True or False, got {self.include_stop_str_in_output!r}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve import LLM, BeamSearchParams
+from pagedserve import LLM, BeamSearchParams, SamplingParams
 from tests.engine.test_engine import _hf_model
 
 PROMPTS = ["Hello world", "Once upon a time in a land far, far away"]
@@ -85,4 +85,29 @@ def test_beam_search_needs_the_continuous_policy(tiny_llama_dir):
         llm.beam_search("Hello", BeamSearchParams(beam_width=2, max_tokens=4))
     assert not llm.engine.has_unfinished_requests()
     st = llm.engine.kv_stats()
+    assert st.free_blocks == st.total_blocks
+
+
+def test_beams_under_preemption_finish_with_the_same_beams(tiny_llama_dir):
+    """A cache too small for a long request and two searches at once: preempted beams take their parked
+    siblings back to the queue (nobody holds blocks while waiting), and the searches end as alone."""
+    params = BeamSearchParams(beam_width=4, max_tokens=12, ignore_eos=True)
+    alone = LLM(str(tiny_llama_dir), num_blocks=256, block_size=4).beam_search(PROMPTS, params)
+    llm = LLM(str(tiny_llama_dir), num_blocks=22, block_size=4)  # the long request alone fills it
+    engine = llm.engine
+    engine.add_request("long", "Once upon a time " * 6, SamplingParams(temperature=0, max_tokens=60,
+                                                                       ignore_eos=True))
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(f"b{i}", p, params)
+    finals = {}
+    for _ in range(2000):
+        if not engine.has_unfinished_requests():
+            break
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = [c.token_ids for c in out.outputs]
+    assert not engine.has_unfinished_requests(), "the engine stalled"
+    assert engine.scheduler.num_preemptions > 0
+    assert [finals[f"b{i}"] for i in range(len(PROMPTS))] == [[s.tokens for s in o.sequences] for o in alone]
+    st = engine.kv_stats()
     assert st.free_blocks == st.total_blocks

@@ -150,3 +150,17 @@ def test_prompt_logprobs_are_the_same_cold_and_warm(tiny_llama_dir):
     for pos, d in enumerate(cold.prompt_logprobs[1:], start=1):
         token = cold.prompt_token_ids[pos]
         assert d[token].logprob == pytest.approx(float(ref[pos - 1, token]), abs=1e-4)
+
+
+def test_prompt_logprobs_survive_preemption_mid_prompt(tiny_llama_dir):
+    """Chunks of a preempted prompt split elsewhere on the second pass: the logprobs still line up."""
+    prompts = [SHARED + q for q in QUESTIONS]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, prompt_logprobs=1)
+    roomy = LLM(str(tiny_llama_dir), num_blocks=256, block_size=4).generate(prompts, params, use_tqdm=False)
+    tight = LLM(str(tiny_llama_dir), num_blocks=30, block_size=4, max_num_batched_tokens=13)
+    outs = tight.generate(prompts, params, use_tqdm=False)
+    assert tight.engine.scheduler.num_preemptions > 0
+    for a, b in zip(roomy, outs, strict=True):
+        assert len(b.prompt_logprobs) == len(b.prompt_token_ids)
+        assert [d and {t: lp.logprob for t, lp in d.items()} for d in a.prompt_logprobs] == \
+            [d and {t: lp.logprob for t, lp in d.items()} for d in b.prompt_logprobs]

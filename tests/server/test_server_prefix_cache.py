@@ -111,7 +111,8 @@ def test_use_beam_search_on_both_endpoints(server, tiny_llama_dir):
 
 
 @pytest.mark.parametrize(("extra", "param"), [({"top_p": 0.5}, "top_p"), ({"seed": 1}, "seed"),
-                                               ({"stream": True}, "stream"), ({"n": 0}, "n")])
+                                               ({"stream": True}, "stream"), ({"n": 0}, "n"),
+                                               ({"logprobs": 2}, "logprobs")])
 def test_beam_search_refuses_sampling_fields(server, extra, param):
     r = server.post("/v1/completions", json={"model": server.model, "prompt": "hi", "max_tokens": 4,
                                              "use_beam_search": True, "n": 2, **extra})

@@ -44,6 +44,9 @@ class BeamGroup:
         self.reported[beam.request_id] = logprobs
         s.running.remove(beam)  # parked (blocks held) until every live beam has its row
         if len(self.reported) < len(self.beams):
+            if any(b.status is not RequestStatus.RUNNING for b in self.beams if b.request_id not in self.reported):
+                for parked in self.unpark():  # a sibling was preempted: waiting with blocks held could
+                    s.requeue(parked)  # starve everyone, so the parked ones queue up beside it
             return None
         rows = torch.stack([self.reported[b.request_id] for b in self.beams])
         self.reported.clear()
@@ -84,6 +87,12 @@ class BeamGroup:
         child.num_computed_tokens = s.kv.fork(parent, child)
         s.requests[child.request_id] = child
         return child
+
+    def unpark(self) -> list[Request]:
+        """The beams that reported this step and wait (their rows are dropped: they recompute)."""
+        parked = [b for b in self.beams if b.request_id in self.reported]
+        self.reported.clear()
+        return parked
 
     def all_sequences(self) -> list[Request]:
         return list(self.beams)

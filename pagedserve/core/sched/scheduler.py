@@ -106,7 +106,16 @@ class Scheduler:
     # --- helpers the policies share ----------------------------------------------------------------
 
     def preempt(self, req: Request) -> None:
-        """Free its blocks; it waits at the front of the queue and is recomputed when readmitted."""
+        """Free its blocks; it waits at the front of the queue and is recomputed when readmitted.
+        A beam's siblings waiting for it (parked, holding blocks) go back to the queue with it, so
+        that no blocks are held by sequences that cannot advance."""
+        group = self.beam_groups.get(req.beam_group) if req.beam_group is not None else None
+        if group is not None:
+            for sibling in group.unpark():
+                self.requeue(sibling)
+        self.requeue(req)
+
+    def requeue(self, req: Request) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -143,8 +152,9 @@ class Scheduler:
             self.kv.cache_computed_blocks(req)
             if req.request_id in runner.prompt_logprobs:
                 start, scored = runner.prompt_logprobs[req.request_id]
-                if start == len(req.prompt_logprobs):  # not again after a preemption
-                    req.prompt_logprobs.extend(scored)
+                have = len(req.prompt_logprobs)  # after a preemption, chunks may split elsewhere
+                if start <= have < start + len(scored):
+                    req.prompt_logprobs.extend(scored[have - start:])
             for child in s.forks:  # before req's tokens: req may finish and free its blocks below
                 if not child.is_finished:
                     child.num_computed_tokens = self.kv.fork(req, child)

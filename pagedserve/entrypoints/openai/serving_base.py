@@ -150,7 +150,9 @@ class OpenAIServing:
                          "frequency_penalty": req.frequency_penalty not in (None, 0.0),
                          "repetition_penalty": req.repetition_penalty not in (None, 1.0),
                          "stream": req.stream, "stop": bool(req.stop), "stop_token_ids": bool(req.stop_token_ids),
-                         "min_tokens": req.min_tokens != 0, "prompt_logprobs": req.prompt_logprobs is not None}
+                         "min_tokens": req.min_tokens != 0, "prompt_logprobs": req.prompt_logprobs is not None,
+                         "logprobs": getattr(req, "logprobs", None) not in (None, False),
+                         "include_stop_str_in_output": req.include_stop_str_in_output}
         for name, set_ in sampling_only.items():
             if set_:
                 raise bad_request(f"{name} cannot be combined with use_beam_search", name)
