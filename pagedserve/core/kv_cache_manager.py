@@ -58,7 +58,7 @@ class BlockInfo:
     block_id: int
     ref_count: int
     owners: list[str]  # request ids whose table holds it
-    num_tokens: int  # slots of it that hold (or are about to hold) a token, per its first owner
+    num_tokens: int  # slots of it that hold (or are about to hold) a token
     state: str  # "used" | "cached" (free, still a prefix-cache hit) | "free"
 
 
@@ -185,30 +185,29 @@ class KVCacheManager:
         ps = self.prefix_stats
         return KVCacheStats(total_blocks=self.pool.num_blocks, used_blocks=self.pool.num_blocks - free,
                             free_blocks=free, block_size=self.block_size,
-                            used_slots=self._filled_slots(), active_requests=len(self.block_tables),
+                            used_slots=sum(self._block_fill().values()), active_requests=len(self.block_tables),
                             cached_blocks=self.pool.num_cached_free, prefix_cache_queries=ps.queries,
                             prefix_cache_hits=ps.hits)
 
-    def _filled_slots(self) -> int:
-        """Slots holding a token, each physical block counted once however many tables share it."""
+    def _block_fill(self) -> dict[int, int]:
+        """Slots of each held block that hold (or are about to hold) a token. Sharers agree on a
+        shared block's fill (a shared partial block is copied before anyone writes it)."""
         bs = self.block_size
         fill: dict[int, int] = {}
         for rid, table in self.block_tables.items():
             used = self._used_slots.get(rid, 0)
-            for i, block in enumerate(table[:self.blocks_needed(used)]):
-                fill[block] = max(fill.get(block, 0), min(bs, used - i * bs))
-        return sum(fill.values())
+            for i, block in enumerate(table):
+                fill[block] = max(fill.get(block, 0), min(bs, max(0, used - i * bs)))
+        return fill
 
     def snapshot(self) -> list[BlockInfo]:
         """Every physical block: who holds it, its reference count, how full it is."""
         owners: dict[int, list[str]] = {}
-        fill: dict[int, int] = {}
-        bs = self.block_size
         for rid, table in self.block_tables.items():
-            used = self._used_slots.get(rid, 0)
-            for i, block in enumerate(table):
+            for block in table:
                 owners.setdefault(block, []).append(rid)
-                fill.setdefault(block, max(0, min(bs, used - i * bs)))
+        fill = self._block_fill()
+        bs = self.block_size
         pool = self.pool
         return [BlockInfo(b, pool.ref_counts[b], owners.get(b, []), fill.get(b, bs if pool.block_hashes[b] else 0),
                           "used" if pool.ref_counts[b] else ("cached" if pool.block_hashes[b] else "free"))

@@ -149,16 +149,14 @@ class InputProcessor:
         """A beam search request: the same prompt checks, and beams that must fit the cache together."""
         if not isinstance(params, BeamSearchParams):
             raise InputError("params must be a BeamSearchParams", "params")
-        text, ids = self.tokenize_prompt(prompt)
-        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        # The prompt and length checks of any request; the sampling side only carries max_tokens.
         sampling = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
-        self.check_length(len(ids), params.max_tokens)
-        need = len(ids) + params.beam_width * (params.max_tokens + 1)
+        inp = self.process(request_id, prompt, sampling, arrival_time)
+        need = len(inp.prompt_token_ids) + params.beam_width * (params.max_tokens + 1)
         if need > self.capacity_tokens:
             raise InputError(f"beam_width={params.beam_width} beams of up to {params.max_tokens} tokens after a "
-                             f"{len(ids)}-token prompt need {need} KV slots; the cache holds "
+                             f"{len(inp.prompt_token_ids)}-token prompt need {need} KV slots; the cache holds "
                              f"{self.capacity_tokens}", "beam_width")
-        inp = self.process_tokens(request_id, text, ids, sampling, arrival_time, cache_salt=salt)
         inp.beam_search = params
         return inp
 

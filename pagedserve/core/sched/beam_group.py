@@ -66,11 +66,11 @@ class BeamGroup:
             beam.output_token_ids.append(token)
         for i, beam in enumerate(self.beams):
             if i not in taken:
-                s.drop_beam(beam)  # its blocks go back now (or stay only as cached prefix)
+                s.finish_request(beam, RequestStatus.FINISHED_STOPPED)  # its blocks go back at once
         self.beams = new_beams
         if decision.done:
             for beam in self.beams:
-                s.drop_beam(beam)
+                s.finish_request(beam, RequestStatus.FINISHED_STOPPED)
             self.beams = []
             return self.state.finalize()
         s.running.extend(self.beams)

@@ -62,18 +62,6 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
-    def drop_beam(self, beam: Request) -> None:
-        """A beam the search no longer follows: out of the queues, its blocks back at once."""
-        beam.status = RequestStatus.FINISHED_STOPPED
-        if beam in self.running:
-            self.running.remove(beam)
-        elif beam in self.waiting:
-            self.waiting.remove(beam)
-        self.kv.free(beam)
-        if self.requests.get(beam.request_id) is beam:
-            del self.requests[beam.request_id]
-        self._finished_ids.add(beam.request_id)
-
     def add_request(self, request: Request, fork_of: str | None = None) -> None:
         """Queue a request. With `fork_of` (an n > 1 sibling), it shares that request's prompt: it
         waits until that prompt is computed and then forks its blocks, unless that is no longer
@@ -93,9 +81,10 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = self._policy(self)
-        for s in out.scheduled:
-            if self._forks and s.completes_prompt and not s.request.output_token_ids:
-                s.forks = self._forks.pop(s.request.request_id, [])
+        if self._forks:  # n > 1 siblings wait: the step that completes their sibling's prompt forks them
+            for s in out.scheduled:
+                if s.completes_prompt and not s.request.output_token_ids:
+                    s.forks = self._forks.pop(s.request.request_id, [])
         out.finished_req_ids, self._finished_ids = self._finished_ids, set()
         out.blocks_to_copy = self.kv.take_pending_copies()
         return out
@@ -247,7 +236,7 @@ class Scheduler:
             group = self.beam_groups.pop(rid, None)
             if group is not None:  # every beam, parked ones included
                 for beam in group.all_sequences():
-                    self.drop_beam(beam)
+                    self.finish_request(beam, RequestStatus.FINISHED_ABORTED)
                 aborted.append(rid)
                 continue
             req = self.requests.get(rid)
