@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.spec_decode.config import SpeculativeConfig
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICIES = ("continuous", "static")
 
@@ -78,10 +80,19 @@ class EngineConfig:
         "run every layer of a step in one C++ call (default: $PAGEDSERVE_DECODER_STACK != 0)"))
     quantized_matmul: bool = field(default_factory=lambda: env_flag("PAGEDSERVE_QUANT_MATMUL"), metadata=option(
         "read a GGUF's Q4_1/Q8_0 blocks directly in small matmuls (default: $PAGEDSERVE_QUANT_MATMUL != 0)"))
+    # A SpeculativeConfig, or its dict / JSON text (vLLM's `speculative_config`); None: no speculation.
+    speculative_config: SpeculativeConfig | None = field(default=None, metadata=option(
+        "speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
+        "(methods: ngram, draft_model, layer_skip)", parse=SpeculativeConfig.parse))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None:
+            _require(self.scheduler.policy == "continuous", "policy",
+                     "'continuous' with speculative_config (the static baseline reserves no draft slots)",
+                     self.scheduler.policy)
         _require(self.dtype in _DTYPES, "dtype", f"one of {tuple(_DTYPES)}", self.dtype)
         _require(self.device == "cpu" or self.device.startswith("cuda"), "device", "'cpu' or 'cuda[:N]'", self.device)
         if self.device.startswith("cuda") and not torch.cuda.is_available():

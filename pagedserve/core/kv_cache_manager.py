@@ -108,21 +108,23 @@ class KVCacheManager:
         assert not (hits and table), "cache hits are taken only at admission"
         first = request.num_computed_tokens + len(hits) * bs  # first slot written this step
         num_tokens = first + num_new_tokens
-        write_block = first // bs
-        cow = (num_new_tokens > 0 and write_block < len(table) and self.pool.ref_counts[table[write_block]] > 1)
+        # Blocks of the table this step writes into (speculative tokens may reach a second one; a fork
+        # shares its parent's lookahead blocks too) that another sequence still holds.
+        written = range(first // bs, min(len(table), self.blocks_needed(num_tokens))) if num_new_tokens else ()
+        cow = [i for i in written if self.pool.ref_counts[table[i]] > 1]
         need = self.blocks_needed(num_tokens + num_lookahead_tokens) - len(table) - len(hits)
         revived = sum(1 for b in hits if self.pool.ref_counts[b] == 0)  # they leave the free queue
-        if max(need, 0) + cow + revived > self.pool.num_free:
+        if max(need, 0) + len(cow) + revived > self.pool.num_free:
             return False
         if hits:
             self.pool.touch(hits)
             table = list(hits)
-        if cow:  # this sequence gets its own copy; the others keep reading the original
-            shared = table[write_block]
-            (private,) = self.pool.allocate(1)
-            self._pending_copies.append((shared, private))
-            self.pool.free([shared])
-            table = table[:write_block] + [private] + table[write_block + 1:]
+        if cow:  # this sequence gets its own copies; the others keep reading the originals
+            table = list(table)
+            for i, private in zip(cow, self.pool.allocate(len(cow)), strict=True):
+                self._pending_copies.append((table[i], private))
+                self.pool.free([table[i]])
+                table[i] = private
         if need > 0:
             table = table + self.pool.allocate(need)
         self.block_tables[rid] = table

@@ -25,6 +25,8 @@ from pagedserve.engine.core_messages import EngineCoreOutputs, EngineCoreRequest
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.loader import iter_quantized_rows, iter_weights, load_config, resolve_model_path
 from pagedserve.model.registry import model_class_for
+from pagedserve.spec_decode.factory import build_speculator
+from pagedserve.spec_decode.stats import SpecDecodeStats
 from pagedserve.worker.model_runner import ModelRunner, kv_block_bytes
 
 
@@ -71,6 +73,11 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, cfg, num_blocks, cc.block_size, config.torch_dtype,
                                   torch.device(config.device))
+        spec = config.speculative_config
+        if spec is not None:
+            self.runner.speculator = build_speculator(spec, self)
+            if spec.needs_lookahead_slots:
+                self.scheduler.num_lookahead_tokens = spec.num_speculative_tokens
         self.record_steps = False
         self.step_records: list[StepRecord] = []
 
@@ -117,6 +124,11 @@ class EngineCore:
 
     def kv_stats(self) -> KVCacheStats:
         return self.kv.stats()
+
+    def spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding's counters since the start (None when it is off)."""
+        spec = self.runner.speculator
+        return None if spec is None else spec.stats.copy()
 
     def kv_snapshot(self) -> list[BlockInfo]:
         return self.kv.snapshot()

@@ -102,7 +102,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.core.scheduler.stats()
-        return EngineStats(s.num_running, s.num_waiting, s.num_preemptions, self.core.kv_stats())
+        return EngineStats(s.num_running, s.num_waiting, s.num_preemptions, self.core.kv_stats(),
+                           self.core.spec_decode_stats())
 
     def model_info(self, served_model_name: str | None = None) -> ModelInfo:
         return ModelInfo(served_model_name or self.config.model, str(self.model_path), self.max_model_len,

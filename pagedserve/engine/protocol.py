@@ -12,6 +12,7 @@ from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheStats
 from pagedserve.engine.input_processor import EngineInput, InputProcessor, PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import SamplingParams
+from pagedserve.spec_decode.stats import SpecDecodeStats
 
 
 @dataclass
@@ -20,6 +21,7 @@ class EngineStats:
     num_waiting: int  # sequences waiting (preempted ones included)
     num_preemptions: int  # since the start
     kv: KVCacheStats
+    spec_decode: SpecDecodeStats | None = None  # speculative decoding's counters, when it is on
 
 
 @dataclass

@@ -32,7 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         shown = "" if default is None else f" (default: {default})"
         kind = str(f.type).replace(" | None", "")
-        if kind == "bool":
+        if "parse" in meta:  # a structured option given as text (JSON)
+            g.add_argument(flag, type=meta["parse"], default=argparse.SUPPRESS, help=meta["help"])
+        elif kind == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{meta.get('help', '')}{shown}")
         else:

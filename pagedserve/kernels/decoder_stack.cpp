@@ -6,12 +6,12 @@
 // (tests/test_decoder_stack.py checks that); only the interpreter between them is gone.
 //
 // FusedLinear is the linear layers' dispatch for float32 on the CPU, used by the Python Linear too,
-// so the rule exists once: the quantized kernel when the checkpoint's blocks are kept (any row
-// count: its per-row sums run in one order whatever M is), else at::linear with fewer than 12 rows
-// padded to a multiple of 4 — MKL's sgemm gives a row the same bits for M = 4, 8 and every M >= 12,
-// and other small M take kernels that sum in another order. Either way a row's output does not
-// depend on how many rows the step carries (batch invariance: prefix-cache hits, chunking and batch
-// composition cannot change the logits).
+// so the rule exists once: the panel kernel (quant_linear.cpp) for the checkpoint's GGUF blocks or, with
+// AVX-512, for float32 weights packed in the same panels (any row count: its per-row sums run in one
+// order whatever M is); else at::linear with fewer than 12 rows padded to a multiple of 4, which on
+// some CPUs' MKL gives a row the same bits at every M (not on all: docs/machine.md). A row's output
+// then does not depend on how many rows the step carries (batch invariance: prefix-cache hits,
+// chunking and batch composition cannot change the logits).
 #include "cpu_ops.h"
 #include "quant_linear.h"
 
@@ -89,12 +89,50 @@ class DecoderStack {
                      const std::optional<at::Tensor>& decode_lens, const std::optional<at::Tensor>& prefill_info,
                      const std::optional<at::Tensor>& prefill_tables) const {
     TORCH_CHECK(kv_caches.size() == layers_.size(), "one (k, v) cache per layer");
+    auto [out, residual] = run(x, at::Tensor(), 0, static_cast<int64_t>(layers_.size()), positions, cos, sin,
+                               kv_caches, slot_mapping, num_decode, decode_tables, decode_lens, prefill_info,
+                               prefill_tables);
+    ps::fused_add_rms_norm(out, residual, final_norm_, eps_);
+    return out;
+  }
+
+  // Layers [start, end) only, on the stream between layers: (x, residual) in, (x, residual) out, no final
+  // norm (residual undefined: x is the embeddings, start must be 0). Speculative decoding's layer-skip
+  // draft runs the first layers, and verification continues the draft's states through the rest.
+  std::tuple<at::Tensor, at::Tensor> forward_layers(
+      at::Tensor x, std::optional<at::Tensor> residual, int64_t start, int64_t end, const at::Tensor& positions,
+      const at::Tensor& cos, const at::Tensor& sin, const std::vector<std::tuple<at::Tensor, at::Tensor>>& kv_caches,
+      const at::Tensor& slot_mapping, int64_t num_decode, const std::optional<at::Tensor>& decode_tables,
+      const std::optional<at::Tensor>& decode_lens, const std::optional<at::Tensor>& prefill_info,
+      const std::optional<at::Tensor>& prefill_tables) const {
+    TORCH_CHECK(kv_caches.size() == layers_.size(), "one (k, v) cache per layer");
+    TORCH_CHECK(0 <= start && start < end && end <= static_cast<int64_t>(layers_.size()), "layer range");
+    TORCH_CHECK(residual.has_value() || start == 0, "layers after the first need the residual stream");
+    return run(x, residual ? *residual : at::Tensor(), start, end, positions, cos, sin, kv_caches, slot_mapping,
+               num_decode, decode_tables, decode_lens, prefill_info, prefill_tables);
+  }
+
+  // The stream after the final norm's add: norm(x + residual), leaving both inputs untouched.
+  at::Tensor final_norm(const at::Tensor& x, const at::Tensor& residual) const {
+    at::Tensor out = x.clone(), res = residual.clone();
+    ps::fused_add_rms_norm(out, res, final_norm_, eps_);
+    return out;
+  }
+
+ private:
+  std::tuple<at::Tensor, at::Tensor> run(at::Tensor x, at::Tensor residual, int64_t start, int64_t end,
+                                         const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
+                                         const std::vector<std::tuple<at::Tensor, at::Tensor>>& kv_caches,
+                                         const at::Tensor& slot_mapping, int64_t num_decode,
+                                         const std::optional<at::Tensor>& decode_tables,
+                                         const std::optional<at::Tensor>& decode_lens,
+                                         const std::optional<at::Tensor>& prefill_info,
+                                         const std::optional<at::Tensor>& prefill_tables) const {
     TORCH_CHECK(num_decode == 0 || (decode_tables && decode_lens), "decode tokens need block tables and lengths");
     const int64_t q_size = heads_ * head_dim_, kv_size = kv_heads_ * head_dim_;
     const bool has_prefill = prefill_info.has_value() && prefill_info->size(0) > 0;
     TORCH_CHECK(!has_prefill || prefill_tables, "prefill segments need their block tables");
-    at::Tensor residual;
-    for (size_t i = 0; i < layers_.size(); ++i) {
+    for (int64_t i = start; i < end; ++i) {
       const FusedLayer& layer = layers_[i];
       const auto& [k_cache, v_cache] = kv_caches[i];
       if (!residual.defined()) {
@@ -119,11 +157,9 @@ class DecoderStack {
       ps::fused_add_rms_norm(x, residual, layer.post_norm, eps_);
       x = layer.down.forward(ps::silu_and_mul(layer.gate_up.forward(x)));
     }
-    ps::fused_add_rms_norm(x, residual, final_norm_, eps_);
-    return x;
+    return {x, residual};
   }
 
- private:
   std::vector<FusedLayer> layers_;
   at::Tensor final_norm_;
   int64_t heads_, kv_heads_, head_dim_;
@@ -147,5 +183,7 @@ void register_decoder_stack(pybind11::module& m) {
            py::arg("layers"), py::arg("final_norm"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"),
            py::arg("eps"), py::arg("scale"))
       // Without the GIL: the server's event loop keeps answering while a step runs.
-      .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &DecoderStack::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward_layers", &DecoderStack::forward_layers, py::call_guard<py::gil_scoped_release>())
+      .def("final_norm", &DecoderStack::final_norm, py::call_guard<py::gil_scoped_release>());
 }

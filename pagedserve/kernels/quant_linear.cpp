@@ -30,7 +30,7 @@ constexpr int64_t kRowsPerTile = 8;  // rows sharing one pass over an expanded p
 constexpr int64_t kDirectMaxRows = 16;
 constexpr int64_t kPrefetchBlocks = 8;  // the direct path asks for codes 8 blocks ahead, into L2
 
-enum class Format { kQ4_1, kQ8_0 };
+enum class Format { kQ4_1, kQ8_0, kF32 };
 
 constexpr int64_t code_rows(Format f) { return f == Format::kQ4_1 ? 16 : 32; }  // code bytes rows per block
 
@@ -165,15 +165,62 @@ void quant_linear_impl(const float* x, int64_t M, int64_t K, const uint8_t* code
   });
 }
 
+// Float32 weights packed in the same panels ([P][K][32]): the same two paths without the expansion, so
+// a float model's rows get the same one-order sums at every M (MKL's sgemm picks its kernel, and with
+// it the order of the sums, by M: on some CPUs a row's bits then depend on the batch).
+template <int R>
+void f32_half_panel_direct(const float* x, int64_t K, const float* w, int64_t half, float* out, int64_t ldo) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 wv = _mm512_loadu_ps(w + k * kPanel + half * 16);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), wv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + half * 16, acc[r]);
+}
+
+template <int... Rs>
+constexpr std::array<void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t), sizeof...(Rs)>
+f32_direct_table(std::integer_sequence<int, Rs...>) {
+  return {&f32_half_panel_direct<Rs + 1>...};
+}
+
+void f32_linear_impl(const float* x, int64_t M, int64_t K, const float* w, int64_t P, float* out) {
+  const int64_t N = P * kPanel;
+  if (M <= kDirectMaxRows) {
+    static constexpr auto table = f32_direct_table(std::make_integer_sequence<int, kDirectMaxRows>{});
+    const auto fn = table[M - 1];
+    at::parallel_for(0, 2 * P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) fn(x, K, w + (u / 2) * K * kPanel, u % 2, out + (u / 2) * kPanel, N);
+    });
+    return;
+  }
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p)
+      for (int64_t r = 0; r < M; r += kRowsPerTile) {
+        const int64_t rows = std::min(kRowsPerTile, M - r);
+        kTiles[rows - 1](x + r * K, K, w + p * K * kPanel, K, out + r * N + p * kPanel, N);
+      }
+  });
+}
+
 #endif
 
 Format parse_format(const std::string& name) {
   if (name == "Q4_1") return Format::kQ4_1;
   if (name == "Q8_0") return Format::kQ8_0;
-  TORCH_CHECK(false, "quantized linear: format must be Q4_1 or Q8_0, got ", name);
+  if (name == "F32") return Format::kF32;
+  TORCH_CHECK(false, "quantized linear: format must be Q4_1, Q8_0 or F32, got ", name);
 }
 
 }  // namespace
+
+torch::Tensor f32_pack(torch::Tensor weight) {
+  TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.dim() == 2, "weight must be float32 [N, K]");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(N % kPanel == 0, "float32 panels need out_features divisible by 32");
+  return weight.contiguous().view({N / kPanel, kPanel, K}).transpose(1, 2).contiguous();
+}
 
 bool quant_linear_simd() {
 #if defined(__AVX512F__)
@@ -185,6 +232,7 @@ bool quant_linear_simd() {
 
 std::vector<torch::Tensor> quant_pack(torch::Tensor raw, int64_t in_features, const std::string& format) {
   const Format f = parse_format(format);
+  TORCH_CHECK(f != Format::kF32, "float32 weights are packed with f32_pack");
   const int64_t block_bytes = f == Format::kQ4_1 ? 20 : 34;
   TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 2, "raw GGUF rows must be uint8 [N, bytes]");
   TORCH_CHECK(in_features % kBlock == 0, format, " needs in_features divisible by 32");
@@ -211,11 +259,19 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d
   const Format f = parse_format(format);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), P = codes.size(0), nb = codes.size(1);
-  TORCH_CHECK(nb * kBlock == K, "x has ", K, " inputs, the weights ", nb * kBlock);
+  const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
+  if (f == Format::kF32) {
+    TORCH_CHECK(codes.scalar_type() == torch::kFloat32 && codes.size(1) == K, "F32 panels must be [P, K, 32]");
+  } else {
+    TORCH_CHECK(codes.size(1) * kBlock == K, "x has ", K, " inputs, the weights ", codes.size(1) * kBlock);
+  }
   auto out = torch::empty({M, P * kPanel}, x.options());
   if (M == 0) return out;
 #if defined(__AVX512F__)
+  if (f == Format::kF32) {
+    f32_linear_impl(x.data_ptr<float>(), M, K, codes.data_ptr<float>(), P, out.data_ptr<float>());
+    return out;
+  }
   const float* mp = f == Format::kQ4_1 ? m.data_ptr<float>() : nullptr;
   if (f == Format::kQ4_1)
     quant_linear_impl<Format::kQ4_1>(x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), d.data_ptr<float>(), mp,

@@ -13,5 +13,8 @@ std::vector<torch::Tensor> quant_pack(torch::Tensor raw, int64_t in_features, co
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m,
                            const std::string& format);
 
+// Float32 weights [N, K] -> the same panels [N/32, K, 32], read by quant_linear with format "F32".
+torch::Tensor f32_pack(torch::Tensor weight);
+
 // Whether quant_linear was compiled with its AVX-512 kernels (without AVX-512 it only raises).
 bool quant_linear_simd();

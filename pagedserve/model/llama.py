@@ -119,6 +119,27 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x, residual)[0]
 
     @torch.inference_mode()
+    def forward_layers(self, x: torch.Tensor, residual: torch.Tensor | None, start: int, end: int,
+                       positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                       meta: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers [start, end) on the stream between layers: (x, residual) in and out, no final norm.
+        For start 0, x is the embeddings and residual None. The same kernels as `forward`."""
+        if self.stack is not None:
+            return self.stack.forward_layers(x, residual, start, end, positions, self.rotary.cos_cached,
+                                             self.rotary.sin_cached, kv_caches, *meta.stack_args())
+        rope = self.rotary.prepare(positions, x.dtype, self.fused)
+        for layer, kv_cache in zip(self.layers[start:end], kv_caches[start:end], strict=True):
+            x, residual = layer(x, residual, rope, kv_cache, meta)
+        return x, residual
+
+    @torch.inference_mode()
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """norm(x + residual) as `forward` ends, leaving x and residual as they are."""
+        if self.stack is not None:
+            return self.stack.final_norm(x, residual)
+        return self.norm(x.clone(), residual.clone())[0]
+
+    @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.output_projection(hidden).float()
 

@@ -2,14 +2,17 @@
 
 Order of processing, per row: min_tokens masking, repetition/presence/frequency penalties,
 temperature (0 = greedy), top-k, top-p (on the top-k renormalised distribution), min-p, sample.
-A seeded request draws from its own torch.Generator, so its text does not depend on the batch; the
-sampler keeps one per seeded request id (built from the request's seed when first seen) until the
-runner tells it the request has left.
+A seeded request's draw for its i-th output token comes from a generator seeded by (seed, i), so its
+text depends neither on the batch nor on how many rows a step samples for it: with speculative
+decoding a step samples one row per proposed position, and the token at position i is drawn from the
+same noise whether or not it was proposed (see rejection_sampler.py).
+
+A row may stand for a request plus proposed tokens not yet accepted (`prefixes`): penalties, min_tokens
+and the seed position then count those tokens as generated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -57,41 +60,38 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 class Sampler:
     def __init__(self, ops: ModuleType | None = None) -> None:
         self.ops = ops  # the fused CPU kernels, for greedy rows' argmax on float32 CPU logits
-        self._generators: dict[str, torch.Generator] = {}
+        self._generator = torch.Generator()
 
-    def generator(self, req: Request) -> torch.Generator | None:
+    def generator(self, req: Request, position: int) -> torch.Generator | None:
+        """The generator for a seeded request's output token `position` (None: the global one)."""
         if req.seed is None:
             return None
-        gen = self._generators.get(req.request_id)
-        if gen is None:
-            gen = self._generators[req.request_id] = torch.Generator().manual_seed(req.seed)
-        return gen
-
-    def forget(self, request_ids: Iterable[str]) -> None:
-        """Drop the generators of requests that left the engine."""
-        for rid in request_ids:
-            self._generators.pop(rid, None)
+        return self._generator.manual_seed(_mix(req.seed, position))
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         return self.sample(logits, requests)
 
-    def sample(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, requests: list[Request],
+               prefixes: list[list[int]] | None = None) -> SamplerOutput:
         params = [r.params for r in requests]
         simple = all(p.greedy and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0
                      for p in params)
         if simple:  # the common benchmark case: one argmax, no copies
             return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
 
+        prefixes = prefixes or [[] for _ in requests]
+        outputs = [req.output_token_ids + pre if pre else req.output_token_ids
+                   for req, pre in zip(requests, prefixes, strict=True)]
         logits = logits.float().clone()
         for i, (req, p) in enumerate(zip(requests, params, strict=True)):
-            if len(req.output_token_ids) < p.min_tokens:
+            if len(outputs[i]) < p.min_tokens:
                 banned = list(p.stop_token_ids)
                 if req.eos_token_id is not None and not p.ignore_eos:
                     banned.append(req.eos_token_id)
                 if banned:
                     logits[i, banned] = float("-inf")
             if p.needs_penalties:
-                apply_penalties(logits[i], req.prompt_token_ids, req.output_token_ids,
+                apply_penalties(logits[i], req.prompt_token_ids, outputs[i],
                                 p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
 
         tokens = self._argmax(logits)
@@ -111,7 +111,7 @@ class Sampler:
                 filtered = filter_logits(filtered, top_k, top_p, min_p)
             probs = filtered.softmax(dim=-1).cpu()  # per-request CPU generators draw the noise
             for j, i in enumerate(sampled_rows):
-                tokens[i] = sample_from(probs[j], self.generator(requests[i]))
+                tokens[i] = sample_from(probs[j], self.generator(requests[i], len(outputs[i])))
             final = logits.clone()
             final[rows] = filtered
 
@@ -131,6 +131,15 @@ class Sampler:
         if self.ops is not None and logits.dtype == torch.float32 and logits.device.type == "cpu":
             return self.ops.argmax_rows(logits.contiguous())  # same ties and NaN rule, ~4x faster
         return logits.argmax(dim=-1)
+
+
+def _mix(seed: int, position: int) -> int:
+    """A 63-bit generator seed for (request seed, output position): splitmix64's finaliser, so nearby
+    seeds and positions give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:

@@ -5,10 +5,15 @@ prepare_inputs flattens every scheduled request's new tokens into one batch with
 order the attention backend asks for, computes their cache slots from the block tables and lets the
 backend build its own metadata. A request whose new tokens reach past its last known token gets its
 logits sampled (at every position from that token on: one row, or one per speculative token).
+
+With speculative decoding, each request's rows are the target's tokens at the draft positions; the
+drafts it agrees with are accepted (rejection_sampler.accept_prefix), and the speculator then drafts
+the next step's proposals.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +23,9 @@ from pagedserve.core.request import Request
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.engine.core_messages import RawLogprob
 from pagedserve.model.config import ModelConfig
-from pagedserve.sample.sampler import Sampler
+from pagedserve.sample.rejection_sampler import accept_prefix
+from pagedserve.sample.sampler import Sampler, SamplerOutput
+from pagedserve.spec_decode.speculator import Speculator
 from pagedserve.worker.runner_output import ModelRunnerOutput
 
 PROMPT_LOGPROB_ROWS = 256
@@ -31,8 +38,12 @@ class ModelInputs:
     meta: object  # the attention backend's metadata
     sample_indices: torch.Tensor  # rows of the flat batch whose logits are sampled
     sampled: list[Request]  # in the same order as sample_indices (n > 1 forks repeat their sibling's row)
+    # Per sampled row: the proposed tokens before its position that it assumes accepted (speculation).
+    prefixes: list[list[int]]
     # Prompt logprobs: (request, first row, first position, rows) of chunks that score prompt tokens.
     prompt_scoring: list[tuple[Request, int, int, int]]
+    # Per request in batch order: (request, first row, first position, tokens, block table).
+    segments: list[tuple[Request, int, int, int, list[int]]]
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -52,6 +63,7 @@ class ModelRunner:
         args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
         self.kv_caches = [self.backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
         self.sampler = Sampler(model.fused)
+        self.speculator: Speculator | None = None  # set by the engine when speculative decoding is on
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -67,12 +79,14 @@ class ModelRunner:
         slots: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Request] = []
+        prefixes: list[list[int]] = []
         scoring: list[tuple[Request, int, int, int]] = []
         seq_lens: list[int] = []
+        segments: list[tuple[Request, int, int, int, list[int]]] = []
         for s in batch:
             req, start = s.request, s.request.num_computed_tokens
             end = start + s.num_new_tokens
-            assert not s.num_spec_tokens, "verifying speculative tokens needs a rejection sampler"
+            segments.append((req, len(ids), start, s.num_new_tokens, s.block_ids))
             scored = min(end, req.num_prompt_tokens - 1) - start  # positions that predict a prompt token
             if req.params.prompt_logprobs is not None and scored > 0:
                 scoring.append((req, len(ids), start, scored))
@@ -80,10 +94,18 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(self._slots(s.block_ids, start, end))
             seq_lens.append(end)
-            if end >= req.num_tokens:  # every known token is in the cache now: sample the next one
+            if s.num_spec_tokens:  # a row at the last known token and at each draft
+                drafts = req.spec_token_ids[:s.num_spec_tokens]
+                first = len(ids) - s.num_spec_tokens - 1
+                for j in range(s.num_spec_tokens + 1):
+                    sample_rows.append(first + j)
+                    sampled.append(req)
+                    prefixes.append(drafts[:j])
+            elif end >= req.num_tokens:  # every known token is in the cache now: sample the next one
                 for r in [req, *s.forks]:
                     sample_rows.append(len(ids) - 1)
                     sampled.append(r)
+                    prefixes.append([])
         dev = self.device
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         common = CommonAttentionMetadata(slot_mapping, query_lens, seq_lens,
@@ -91,28 +113,54 @@ class ModelRunner:
         meta = self.backend.build_metadata(common)  # once per step, not per layer
         return ModelInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                            torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                           torch.tensor(sample_rows, dtype=torch.long, device=dev), sampled, scoring)
+                           torch.tensor(sample_rows, dtype=torch.long, device=dev), sampled, prefixes, scoring, segments)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         """One forward, then sampling: the tokens each request gets this step."""
-        self.sampler.forget(sched.finished_req_ids)
+        started = time.perf_counter()
         self.backend.copy_blocks(self.kv_caches, sched.blocks_to_copy)  # before anything writes the copies
+        if self.speculator is not None:
+            self.speculator.proposer.copy_blocks(sched.blocks_to_copy)
         inputs = self.prepare_inputs(sched)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        hidden = self.speculator.proposer.forward(inputs) if self.speculator is not None else None
+        if hidden is None:  # (a proposer may run the step itself, reusing its drafting work)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         prompt_logprobs = {req.request_id: (start, self._score_prompt(hidden, req, row, start, rows))
                            for req, row, start, rows in inputs.prompt_scoring}
-        if not inputs.sampled:
-            return ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
-        logits = self.model.compute_logits(hidden[inputs.sample_indices])
-        result = self.sampler.sample(logits, inputs.sampled)
-        logprobs = None
-        if any(lp is not None for lp in result.logprobs):
-            logprobs = [None if lp is None else [lp] for lp in result.logprobs]
-        rows = {r.request_id: logits[i].float().clone() for i, r in enumerate(inputs.sampled)
-                if r.beam_group is not None}
-        return ModelRunnerOutput([r.request_id for r in inputs.sampled],
-                                 [[t] for t in result.token_ids], logprobs, prompt_logprobs, rows)
+        out = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
+        if inputs.sampled:
+            logits = self.model.compute_logits(hidden[inputs.sample_indices])
+            result = self.sampler.sample(logits, inputs.sampled, inputs.prefixes)
+            self._collect(out, inputs, result)
+            out.logits_rows = {r.request_id: logits[i].float().clone() for i, r in enumerate(inputs.sampled)
+                               if r.beam_group is not None}
+        if self.speculator is not None:
+            emitted = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
+            out.spec_token_ids = self.speculator.after_step(sched, emitted, time.perf_counter() - started)
+        return out
+
+    def _collect(self, out: ModelRunnerOutput, inputs: ModelInputs, result: SamplerOutput) -> None:
+        """Rows → tokens per request: one row each, or, for a request verifying drafts, its accepted
+        drafts and the target's token after them."""
+        any_logprobs = any(lp is not None for lp in result.logprobs)
+        logprobs: list[list | None] = []
+        i, rows = 0, len(inputs.sampled)
+        while i < rows:
+            req = inputs.sampled[i]
+            j = i + 1  # a request's draft rows are consecutive
+            while j < rows and inputs.sampled[j] is req and inputs.prefixes[j]:
+                j += 1
+            if j - i == 1:
+                tokens = [result.token_ids[i]]
+            else:
+                tokens = accept_prefix(result.token_ids[i:j], inputs.prefixes[j - 1])
+                self.speculator.record_verification(req.request_id, j - i - 1, len(tokens) - 1)
+            out.req_ids.append(req.request_id)
+            out.sampled_token_ids.append(tokens)
+            logprobs.append(result.logprobs[i:i + len(tokens)] if result.logprobs[i] is not None else None)
+            i = j
+        out.logprobs = logprobs if any_logprobs else None
 
     def _score_prompt(self, hidden: torch.Tensor, req: Request, row: int, start: int,
                       rows: int) -> list[RawLogprob]:

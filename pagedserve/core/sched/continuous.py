@@ -21,7 +21,7 @@ def schedule_continuous(s: Scheduler) -> SchedulerOutput:
     while i < len(s.running) and budget > 0:
         req = s.running[i]
         num_new = min(req.num_tokens_with_spec - req.num_computed_tokens, budget)
-        while not kv.allocate_slots(req, num_new):
+        while not kv.allocate_slots(req, num_new, s.num_lookahead_tokens):
             victim = s.running.pop()  # the most recently admitted
             s.preempt(victim)
             out.preempted.append(victim)
@@ -43,7 +43,7 @@ def schedule_continuous(s: Scheduler) -> SchedulerOutput:
         if remaining > budget and not config.enable_chunked_prefill:
             break
         num_new = min(remaining, budget)
-        if not kv.allocate_slots(req, num_new, new_computed_blocks=hits):
+        if not kv.allocate_slots(req, num_new, s.num_lookahead_tokens, new_computed_blocks=hits):
             break
         kv.record_prefix_query(req, num_hit)
         req.num_computed_tokens = num_hit

@@ -50,6 +50,8 @@ class Scheduler:
         policies: dict[str, Callable[[Scheduler], SchedulerOutput]] = {
             "continuous": schedule_continuous, "static": schedule_static}
         self._policy = policies[config.policy]
+        # Slots past a step's tokens that a draft model writes its own K/V into (speculative decoding).
+        self.num_lookahead_tokens = 0
 
     def add_beam_search(self, request: Request, params: BeamSearchParams) -> None:
         """A beam search: the request is its first beam (the prompt, computed once)."""
@@ -106,6 +108,7 @@ class Scheduler:
 
     def requeue(self, req: Request) -> None:
         self.kv.free(req)
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -158,6 +161,8 @@ class Scheduler:
                 self._beam_step(req, runner.logits_rows[req.request_id], outputs)
                 continue
             self._append_tokens(req, new_ids, runner.logprobs[row] if runner.logprobs else None, outputs)
+            if not req.is_finished and req.request_id in runner.spec_token_ids:
+                req.spec_token_ids = runner.spec_token_ids[req.request_id]  # the next step verifies them
         return EngineCoreOutputs(outputs, now)
 
     def _beam_step(self, beam: Request, logits: torch.Tensor, outputs: list[EngineCoreOutput]) -> None:

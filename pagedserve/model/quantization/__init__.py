@@ -27,8 +27,11 @@ def create_linear_method(weight: torch.Tensor, bias: torch.Tensor | None, raw: t
             and ops.quant_linear_simd() and out_features % 32 == 0 and in_features % 32 == 0):
         return GGUFBlockLinearMethod.create(weight, bias, raw, ops)
     fused = None
-    if plain_cpu and ops is not None:  # the same rule, applied in C++ (decoder_stack.cpp)
-        fused = ops.FusedLinear(weight.detach(), None if bias is None else bias.detach(), None)
+    if plain_cpu and ops is not None:
+        packed = None
+        if ops.quant_linear_simd() and out_features % 32 == 0:  # one summation order at every M
+            packed = (ops.f32_pack(weight.detach()), torch.empty(0), torch.empty(0), "F32")
+        fused = ops.FusedLinear(weight.detach(), None if bias is None else bias.detach(), packed)
     return UnquantizedLinearMethod(fused)
 
 
