@@ -33,13 +33,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         shown = "" if default is None else f" (default: {default})"
         kind = str(f.type).replace(" | None", "")
         if "parse" in meta:  # a structured option given as text (JSON)
-            g.add_argument(flag, type=meta["parse"], default=argparse.SUPPRESS, help=meta["help"])
+            g.add_argument(flag, type=_argument_type(meta["parse"]), default=argparse.SUPPRESS, help=meta["help"])
         elif kind == "bool":
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{meta.get('help', '')}{shown}")
         else:
             g.add_argument(flag, type=_TYPES[kind], default=argparse.SUPPRESS, choices=meta.get("choices"),
                            help=f"{meta.get('help', '')}{shown}")
+
+
+def _argument_type(parse):
+    """argparse shows an ArgumentTypeError's own message (a plain ValueError becomes 'invalid value')."""
+    def convert(text: str):
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:

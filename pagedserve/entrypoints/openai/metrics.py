@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from pagedserve.engine.protocol import EngineStats
 from pagedserve.outputs import RequestOutput
+from pagedserve.spec_decode.stats import SpecDecodeStats
 
 # vLLM's bucket boundaries (seconds), so histogram panels line up with theirs.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -56,6 +57,14 @@ class EngineMetrics:
         self.prefix_queries = counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_hits = counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.")
         self.kv_cached = gauge("pagedserve:kv_blocks_cached", "Free KV blocks still holding a cached prefix.")
+        # Speculative decoding, vLLM's names (present, at zero, when speculation is off).
+        self.spec_drafts = counter("vllm:spec_decode_num_drafts", "Requests' steps that verified proposed tokens.")
+        self.spec_draft_tokens = counter("vllm:spec_decode_num_draft_tokens", "Proposed tokens verified.")
+        self.spec_accepted = counter("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.")
+        self._spec_per_pos = Counter("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                     "Proposed tokens accepted, by position in the draft.",
+                                     ["model_name", "position"], registry=r)
+        self._spec_seen = SpecDecodeStats()
         self._prefilled: set[str] = set()  # requests whose prompt tokens were counted
         self._preemptions_seen = 0
         self._prefix_seen = (0, 0)
@@ -75,9 +84,22 @@ class EngineMetrics:
             self.prefix_queries.inc(kv.prefix_cache_queries - queries)
             self.prefix_hits.inc(kv.prefix_cache_hits - hits)
             self._prefix_seen = (kv.prefix_cache_queries, kv.prefix_cache_hits)
+        if stats.spec_decode is not None and stats.spec_decode.num_drafts > self._spec_seen.num_drafts:
+            self._record_spec(stats.spec_decode)
         if stats.num_preemptions > self._preemptions_seen:
             self.preemptions.inc(stats.num_preemptions - self._preemptions_seen)
             self._preemptions_seen = stats.num_preemptions
+
+    def _record_spec(self, spec: SpecDecodeStats) -> None:
+        seen = self._spec_seen
+        self.spec_drafts.inc(spec.num_drafts - seen.num_drafts)
+        self.spec_draft_tokens.inc(spec.num_draft_tokens - seen.num_draft_tokens)
+        self.spec_accepted.inc(spec.num_accepted_tokens - seen.num_accepted_tokens)
+        for pos, total in enumerate(spec.accepted_per_pos):
+            before = seen.accepted_per_pos[pos] if pos < len(seen.accepted_per_pos) else 0
+            if total > before:
+                self._spec_per_pos.labels(self.model_name, str(pos)).inc(total - before)
+        self._spec_seen = spec.copy()
 
     def _record(self, out: RequestOutput) -> None:
         generated = sum(len(c.token_ids_delta) for c in out.outputs)
