@@ -7,6 +7,8 @@ could gain over static on this machine (pagedserve/bench/batch_gain.py).
 
     .venv/bin/python benchmarks/throughput.py [--requests 64] [--max-num-seqs 16] [--systems continuous,static,hf]
                                               [--device cuda] [--timeline]
+    .venv/bin/python benchmarks/throughput.py --max-num-seqs 64 --systems continuous,continuous-spec \
+        --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}'
 """
 
 from __future__ import annotations
@@ -52,12 +54,15 @@ def print_timeline(records) -> None:
               f"{1000 * sum(durations) / len(durations):.1f} ms/step")
 
 
-def run_engine(system: str, work, max_num_seqs: int, device: str, timeline: bool = False) -> tuple[dict, list]:
-    """`system` is a policy, optionally suffixed `-nocache` (prefix caching off) or `-salted` (caching on,
-    every request its own cache_salt: all of the caching work, no hits), for the caching A/B."""
+def run_engine(system: str, work, max_num_seqs: int, device: str, timeline: bool = False,
+               speculative_config: str | None = None) -> tuple[dict, list]:
+    """`system` is a policy, optionally suffixed `-nocache` (prefix caching off), `-salted` (caching on,
+    every request its own cache_salt: all of the caching work, no hits), for the caching A/B, or `-spec`
+    (speculative decoding with `speculative_config`)."""
     policy, _, variant = system.partition("-")
+    spec = {"speculative_config": speculative_config} if variant == "spec" else {}
     llm = LLM("smollm2-135m", policy=policy, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, device=device,
-              enable_prefix_caching=variant != "nocache")
+              enable_prefix_caching=variant != "nocache", **spec)
     prompts = [{"prompt_token_ids": ids} | ({"cache_salt": f"r{i}"} if variant == "salted" else {})
                for i, (ids, _) in enumerate(work)]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in work]
@@ -74,8 +79,11 @@ def run_engine(system: str, work, max_num_seqs: int, device: str, timeline: bool
     records = llm.engine.step_records
     decode = batch_gain.decode_steps(step_sample(s, records[0].start) for s in records)
     kv = llm.engine.kv_stats()
-    return {"system": f"pagedserve-{system}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
-            "prefix_cache_hit_rate": kv.prefix_cache_hit_rate}, decode
+    result = {"system": f"pagedserve-{system}", "tokens": tokens, "seconds": elapsed, "tok_per_s": tokens / elapsed,
+              "prefix_cache_hit_rate": kv.prefix_cache_hit_rate}
+    if (sd := llm.engine.stats().spec_decode) is not None:  # warm-up included: two short requests
+        result["spec_decode"] = sd.as_dict()
+    return result, decode
 
 
 def run_hf(work, batch_size: int, device: str) -> dict:
@@ -116,6 +124,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the GPU run (engine and transformers both)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--timeline", action="store_true", help="print where each engine run's time went, by step kind")
+    ap.add_argument("--speculative-config", default='{"method": "ngram", "num_speculative_tokens": 4}',
+                    help="the speculative_config (JSON) of the *-spec systems")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     from pagedserve.model.loader import load_tokenizer
@@ -129,12 +139,19 @@ def main() -> None:
         if system == "hf":
             r = run_hf(work, args.hf_batch_size, args.device)
         else:
-            r, decode_steps[system] = run_engine(system, work, args.max_num_seqs, args.device, args.timeline)
+            r, decode_steps[system] = run_engine(system, work, args.max_num_seqs, args.device, args.timeline,
+                                                 args.speculative_config)
         hit = f", prefix-cache hit rate {r['prefix_cache_hit_rate']:.1%}" if "prefix_cache_hit_rate" in r else ""
+        if sd := r.get("spec_decode"):
+            hit += (f", spec acceptance {sd['acceptance_rate']:.1%}, mean accepted length "
+                    f"{sd['mean_accepted_length']:.2f}, steps speculated {sd['num_steps_speculated']}"
+                    f"/{sd['num_steps_speculated'] + sd['num_steps_plain']}")
         print(f"{r['system']:>28}: {r['tokens']} tokens in {r['seconds']:.1f}s = {r['tok_per_s']:.1f} tok/s{hit}")
         results.append(r)
     by = {r["system"].split("-")[-1] if r["system"].startswith("pagedserve") else "hf": r for r in results}
     if "continuous" in by:
+        if "spec" in by:
+            print(f"continuous-spec / continuous: {by['spec']['tok_per_s'] / by['continuous']['tok_per_s']:.3f}x")
         for other in ("static", "hf"):
             if other in by:
                 print(f"continuous / {other}: {by['continuous']['tok_per_s'] / by[other]['tok_per_s']:.2f}x")

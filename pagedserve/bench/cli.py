@@ -3,6 +3,8 @@
     pagedserve bench --policy continuous,static --baseline hf --workload chapter --requests 100 --rate 2 --out DIR
     pagedserve bench --policy continuous --workload prefix --prefix-tokens 1000 --requests 32 --rate 1 --prefix-caching on,off
     pagedserve bench --policy continuous --workload chat --conversations 8 --turns 4 --rate 0.5 --prefix-caching on,off
+    pagedserve bench --policy continuous --workload copy --concurrency 1 --requests 8 \\
+        --speculative-configs '[null, {"method": "ngram", "num_speculative_tokens": 4}]'
     pagedserve bench serve --url http://127.0.0.1:8000 --workload DIR/workload.jsonl --label pagedserve --out DIR
     pagedserve bench workload --workload chapter --requests 100 --rate 2 --out workload.jsonl
     pagedserve bench report --inputs A B C --out DIR        (one report from several runs' results.json)
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -68,9 +71,10 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workload", default="chapter",
                    help="'chapter' (the chapter's 8 request templates), 'prefix' (one long shared system prompt + "
                         "a distinct question each), 'chat' (multi-turn conversations resending their history), "
+                        "'copy' (rewrites, summaries and code edits whose answers repeat their prompts), "
                         "a .jsonl workload file, or a ShareGPT .json")
     g.add_argument("--requests", type=_positive_int, default=None,
-                   help="number of requests (chapter: default 100; prefix: 32; chat: conversations x turns; "
+                   help="number of requests (chapter: default 100; prefix, copy: 32; chat: conversations x turns; "
                         "files: the first N)")
     g.add_argument("--rate", type=_rate, default=None,
                    help="Poisson arrivals at this many requests/s (chat: conversations started per second); "
@@ -143,7 +147,7 @@ def _command(args: argparse.Namespace) -> str:
         elif isinstance(value, list):
             parts += [flag, *map(str, value)]
         else:
-            parts += [flag, str(value)]
+            parts += [flag, shlex.quote(str(value))]  # a JSON option has spaces and quotes
     return " ".join(parts)
 
 
@@ -158,19 +162,23 @@ def _finish(parser: argparse.ArgumentParser, func) -> None:
 
 def cmd_offline(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no tokenizer thread pool competing with torch
-    from pagedserve.bench.offline import run_offline
+    from pagedserve.bench.offline import KEEP, parse_speculative_list, run_offline
     from pagedserve.bench.report import terminal_summary
     from pagedserve.entrypoints.cli import engine_kwargs
 
     options = engine_kwargs(args)
     if args.prefix_caching is not None and "enable_prefix_caching" in options:
         raise ValueError("give either --prefix-caching (one system per setting) or --[no-]enable-prefix-caching")
+    if args.speculative_configs is not None and options.get("speculative_config") is not None:
+        raise ValueError("give either --speculative-configs (one system per config) or --speculative-config")
+    speculative = (KEEP,) if args.speculative_configs is None else parse_speculative_list(args.speculative_configs)
     wl = workload_from_args(args, _tokenizer_for(args, args.model))
     _print_workload(wl)
     out = args.out or default_out_dir("offline")
     results = run_offline(wl, args.model, options, _names(args.policy), _names(args.baseline),
                           args.hf_batch_size, out, slo_from_args(args), progress=not args.no_progress,
-                          command=_command(args), prefix_caching=args.prefix_caching or (None,))
+                          command=_command(args), prefix_caching=args.prefix_caching or (None,),
+                          speculative=speculative)
     print(terminal_summary(results, out))
     return 0
 
@@ -242,6 +250,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-caching", type=_switches, default=None,
                    help="comma-separated prefix-caching settings, e.g. 'on,off': each policy runs once per setting, "
                         "as systems pagedserve-<policy>-prefix-on/-off (default: one run, as the engine option says)")
+    p.add_argument("--speculative-configs", default=None,
+                   help="a JSON list of speculative_config objects, null for plain decoding: each policy runs once "
+                        "per entry, as systems pagedserve-<policy>-spec-off/-spec-<method>-k<k> (default: one run, "
+                        "as --speculative-config says)")
     add_workload_args(p)
     add_slo_args(p)
     p.add_argument("--out", default=None, help="results folder (default bench-results/offline-<time>)")

@@ -2,8 +2,11 @@
 end-to-end latency, queue time, goodput under SLOs, and time-weighted step statistics.
 
 Definitions (all per request, seconds):
-  TTFT = first token − arrival;  ITL = gaps between consecutive tokens;  TPOT = mean ITL;
-  E2E = finish − arrival;  queue = first scheduled − arrival.
+  TTFT = first token − arrival;  ITL = gaps between consecutive deliveries of tokens;
+  TPOT = (last token − first token) / (tokens − 1);  E2E = finish − arrival;  queue = first scheduled − arrival.
+Tokens that arrive together (several accepted in one speculative step, or one streamed chunk) are one
+delivery, as vLLM's benchmark counts a chunk: ITL is what a reader waits between updates, TPOT the
+time per token. Without speculation every token is its own delivery and the two agree on average.
 Throughput is over the run's duration (start → last finish); ITL percentiles pool every gap of every
 request, as vLLM's benchmark does.
 """
@@ -63,12 +66,12 @@ def queue_time(r: RequestRecord) -> float | None:
 
 def itls(r: RequestRecord) -> list[float]:
     t = r.token_times
-    return [b - a for a, b in zip(t, t[1:], strict=False)]
+    return [b - a for a, b in zip(t, t[1:], strict=False) if b != a]
 
 
 def tpot(r: RequestRecord) -> float | None:
-    gaps = itls(r)
-    return sum(gaps) / len(gaps) if gaps else None
+    t = r.token_times
+    return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,14 @@ def by_template(records: Sequence[RequestRecord]) -> dict[str, dict]:
     return out
 
 
+def spec_decode_summary(run: RunResult) -> dict | None:
+    """The run's speculative config and counters (acceptance rate, mean accepted length), or None without."""
+    config = (run.config.get("engine") or {}).get("speculative_config")
+    if not config and not run.spec_decode:
+        return None
+    return {"config": config, **(run.spec_decode or {})}
+
+
 # --- a whole run ------------------------------------------------------------------------------------
 
 
@@ -175,6 +186,7 @@ def summarize(run: RunResult, slo: SLO | None = None) -> dict:
         "queue": distribution([v for r in done if (v := queue_time(r)) is not None]),
         "steps": step_stats(run.steps),
         "prefix_cache": prefix_cache.summary(run),
+        "spec_decode": spec_decode_summary(run),
         "by_template": by_template(run.requests),
     }
     if slo is not None and slo.active:

@@ -64,6 +64,8 @@ class RunResult:
     notes: list[str] = field(default_factory=list)
     # Prefix-cache counters over the run, in prompt tokens: {"queries", "hits", "source"} (engine or /metrics).
     prefix_cache: dict | None = None
+    # Speculative decoding's counters over the run (SpecDecodeStats.as_dict), for an engine run with it on.
+    spec_decode: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -76,4 +78,5 @@ class RunResult:
         steps = [StepSample(**{k: v for k, v in s.items() if k in sknown}) for s in d.get("steps", [])]
         return cls(system=d["system"], kind=d["kind"], config=d.get("config", {}), requests=reqs, steps=steps,
                    duration=d.get("duration", 0.0), started_unix=d.get("started_unix", 0.0),
-                   notes=list(d.get("notes", [])), prefix_cache=d.get("prefix_cache"))
+                   notes=list(d.get("notes", [])), prefix_cache=d.get("prefix_cache"),
+                   spec_decode=d.get("spec_decode"))

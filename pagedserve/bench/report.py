@@ -53,6 +53,10 @@ def _pct(v) -> str:
     return "–" if v is None or not math.isfinite(v) else f"{v:+.1f}%"
 
 
+def _share(v) -> str:
+    return "–" if v is None or not math.isfinite(v) else f"{100 * v:.1f}%"
+
+
 def _row_text(r: dict) -> tuple[str, str, str, str]:
     r = {k: (math.nan if v is None else v) for k, v in r.items()}  # rows read back from JSON hold None for NaN
     unit = r["unit"]
@@ -147,6 +151,52 @@ def prefix_cache_table(summaries: Sequence[dict]) -> str:
     return _table(["system", "prefix caching", "hit rate", "cached / prompt tokens", "counted from", "TTFT p50 ms",
                    "TTFT p95 ms", "out tok/s", "req/s", "KV blocks in use (peak)", "KV blocks in use (mean)",
                    "cached free blocks (peak)"], rows)
+
+
+def _plain_reference(summaries: Sequence[dict]) -> dict | None:
+    """The system that decoded without speculation, that speculative systems are compared with."""
+    plain = [s for s in summaries if s.get("spec_decode") is None and s["completed"]]
+    named = [s for s in plain if s["system"].endswith("spec-off")]
+    return (named or plain or [None])[0]
+
+
+def spec_decode_rows(summaries: Sequence[dict]) -> list[dict]:
+    """One row per system with speculation: its counters and its speed over plain decoding."""
+    ref = _plain_reference(summaries)
+    rows = []
+    for s in summaries:
+        sd = s.get("spec_decode")
+        if sd is None:
+            continue
+        config = sd.get("config") or {}
+        speedup = (s["output_throughput"] / ref["output_throughput"]
+                   if ref and ref["output_throughput"] else math.nan)
+        steps = (sd.get("num_steps_speculated") or 0) + (sd.get("num_steps_plain") or 0)
+        rows.append({"system": s["system"], "method": config.get("method"),
+                     "k": config.get("num_speculative_tokens"), "speedup": speedup,
+                     "versus": ref["system"] if ref else None, "acceptance_rate": sd.get("acceptance_rate"),
+                     "mean_accepted_length": sd.get("mean_accepted_length"),
+                     "speculated_share": (sd.get("num_steps_speculated") or 0) / steps if steps else math.nan})
+    return rows
+
+
+def spec_decode_table(summaries: Sequence[dict]) -> str | None:
+    rows = spec_decode_rows(summaries)
+    if not rows:
+        return None
+    by_name = {s["system"]: s for s in summaries}
+    ref = _plain_reference(summaries)
+    table = []
+    for row in ([] if ref is None else [None]) + rows:
+        s = ref if row is None else by_name[row["system"]]
+        table.append([s["system"], "–" if row is None else f"{row['method']} k={row['k']}",
+                      _num(s["output_throughput"], ".1f"), "1.00x" if row is None else _num(row["speedup"]) + "x",
+                      _ms(s["itl"]["p50"]), _ms(s["itl"]["p95"]), _ms(s["tpot"]["p50"]),
+                      "–" if row is None else _share(row["acceptance_rate"]),
+                      "–" if row is None else _num(row["mean_accepted_length"]),
+                      "–" if row is None else _share(row["speculated_share"])])
+    return _table(["system", "speculation", "out tok/s", "vs plain", "ITL p50 ms", "ITL p95 ms", "TPOT p50 ms",
+                   "acceptance", "mean accepted length", "steps speculated"], table)
 
 
 def turns_table(summaries: Sequence[dict]) -> str | None:
@@ -258,6 +308,11 @@ def write_markdown(path: Path, meta: dict, workload_desc: dict, summaries: list[
         parts += ["## Goodput", "", f"SLO: TTFT ≤ {slo['ttft_s']} s, mean ITL ≤ {slo['itl_s']} s, "
                   f"E2E ≤ {slo['e2e_s']} s (None = unconstrained)", "", gp, ""]
     parts += ["## Prefix cache", "", prefix_cache_table(summaries), ""]
+    if spec := spec_decode_table(summaries):
+        parts += ["## Speculative decoding", "", spec, "",
+                  "_Acceptance: accepted draft tokens / proposed draft tokens. Mean accepted length: tokens a "
+                  "verifying step gives a request (accepted drafts + the one sampled). Steps speculated: steps "
+                  "the controller let propose (it turns speculation off where it measures it slower)._", ""]
     if workload_desc.get("conversations") and (turns := turns_table(summaries)):
         parts += ["### Time to first token by turn (p50)", "", turns, ""]
     parts += ["## Steps and KV cache", "", steps_table(summaries), ""]
@@ -342,6 +397,13 @@ def terminal_summary(results: dict, out_dir: str | Path) -> str:
             lines.append(f"  {metric:<40} {t:>14} vs {b:>14}   {change}")
     if (gain := results.get("batching_gain")) is not None:
         lines += ["", batch_gain.one_line(gain)]
+    spec_rows = spec_decode_rows([e["summary"] for e in results["systems"]])
+    if spec_rows:
+        lines.append("")
+    for row in spec_rows:
+        lines.append(f"{row['system']}: {_num(row['speedup'])}x output tok/s vs {row['versus']}, acceptance "
+                     f"{_share(row['acceptance_rate'])}, mean accepted length {_num(row['mean_accepted_length'])}, "
+                     f"steps speculated {_share(row['speculated_share'])}")
     notes = list(results["meta"].get("notes", [])) + [
         f"{e['run']['system']}: {n}" for e in results["systems"] for n in e["run"].get("notes", [])]
     if notes:

@@ -1,7 +1,7 @@
 """Workloads: a list of requests (prompt, max_tokens, sampling, arrival offset) that every system gets
 identically. Made by a generator (the chapter's templates; `prefix`: one long shared system prompt;
-`chat`: multi-turn conversations) or read from a ShareGPT file; saved and loaded as JSONL (one header
-line, then one request per line).
+`chat`: multi-turn conversations; `copy`: answers that repeat their prompts) or read from a ShareGPT
+file; saved and loaded as JSONL (one header line, then one request per line).
 """
 
 from __future__ import annotations
@@ -214,19 +214,23 @@ def load_sharegpt(path: str | Path, num_requests: int, seed: int = 0, tokenizer=
     return Workload("sharegpt", requests, seed=seed, meta={"source": str(path)})
 
 
-GENERATED = ("chapter", "prefix", "chat")
+GENERATED = ("chapter", "prefix", "chat", "copy")
 
 
 def load_workload(spec: str, num_requests: int | None = None, seed: int = 0, rate: float | None = None,
                   concurrency: int | None = None, max_tokens_scale: float = 1.0, max_tokens_cap: int | None = None,
                   tokenizer=None, **generator_options) -> Workload:
-    """A generated workload (`chapter`, `prefix`, `chat`), a .jsonl workload file, or a ShareGPT .json file.
+    """A generated workload (`chapter`, `prefix`, `chat`, `copy`), a .jsonl workload file, or a ShareGPT .json file.
 
     For files, `rate`/`concurrency` re-time the requests only when given; `num_requests` keeps the first N.
     `generator_options` go to the prefix/chat generators (prefix_tokens; conversations, turns, think_time).
     """
     if spec == "chapter":
         return chapter_workload(num_requests or 100, seed, rate, concurrency, max_tokens_scale, max_tokens_cap)
+    if spec == "copy":
+        from pagedserve.bench.copy_heavy import copy_workload  # imports this module
+
+        return copy_workload(num_requests, seed, rate, concurrency, max_tokens_scale, max_tokens_cap, tokenizer)
     if spec in ("prefix", "chat"):
         from pagedserve.bench import shared_prefix  # imports this module
 

@@ -1,103 +1,185 @@
-"""When to speculate: never slower than plain decoding.
+"""How many drafts each request verifies next step: never slower than plain decoding.
 
-Verifying k proposals per request makes a step's batch k+1 times larger. On a small batch the step is
-bound by reading the weights, so the extra rows are nearly free; on a large one it is bound by
-arithmetic and the extra rows cost what they would cost as real tokens, while only the accepted ones
-come out. Where the crossover lies depends on the machine, the model, the proposer and the text, so it
-is measured, not guessed: decode-only steps are timed per batch-size bucket with speculation on and
-off, and each step takes the arm with the higher measured output rate (tokens per second), trying the
-other arm now and then so that a changed workload is noticed. `disable_by_batch_size` (vLLM's option)
-replaces the measurement with a fixed threshold.
+Verifying d drafts adds d rows to the step. Whether a row pays depends on what it costs and on how
+likely its draft is to be accepted, and both are measured, not guessed:
 
-Per request, a proposer whose drafts keep being rejected (a text with nothing to look up, say) is
-paused for a while: its verification rows would cost without paying back.
+- the step's cost as a function of its rows, t(n): a moving average of measured step times per row
+  count, interpolated between measured counts (on this CPU one extra row is nearly free at batch 1
+  and costs about what a real token costs at batch 64; elsewhere the curve differs);
+- each request's chance that its next draft is accepted, given the previous one was: accepted and
+  tried drafts counted with decay (rejection stops a run, so a run of a accepted of d is a
+  successes and a + 1 trials, or a trials when all were accepted), shrunk towards the engine-wide
+  rate; a request that stops drafting drifts back to that rate, so it gets another chance later;
+- for a model-based proposer, what one draft pass costs at this batch size.
+
+Each step then adds drafts in the order of their expected gain (a request's j-th draft is accepted
+with probability alpha^j) while the expected tokens per second, (B + expected accepted) /
+(t(B + drafts) + passes * pass cost), keeps growing, and keeps the best prefix. Now and then it
+tries more drafts than it planned, so a cost it measured badly once is measured again.
+`disable_by_batch_size` (vLLM's option) replaces all of this by a fixed threshold.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-EXPLORE_EVERY = 16  # steps per bucket between two tries of the arm that measured worse
-MIN_SAMPLES = 3  # an arm is tried this often in a bucket before the measurements decide
-RATE_DECAY = 0.8  # weight of the old estimate in each arm's moving average of tokens/s
-ACCEPT_DECAY = 0.7
-LOW_ACCEPTANCE = 0.15  # a request's recent acceptance rate below which it pauses
-PAUSE_STEPS = 32
+EXPLORE_EVERY = 16  # every this many steps, plan twice the drafts the model picked (at least one per request)
+COST_DECAY = 0.7  # weight of the old estimate in each row count's moving average of step seconds
+ACCEPT_DECAY = 0.9  # per step: how fast a request's acceptance counts fade
+PRIOR_TRIALS = 2.0  # weight of the engine-wide rate in a request's estimate
+INITIAL_ALPHA = 0.6  # the engine-wide rate before anything is measured
 
 
 def batch_bucket(batch_size: int) -> int:
-    """1, 2, 4, 8, ...: steps of similar batch sizes share their measurements."""
+    """1, 2, 4, 8, ...: draft passes of similar batch sizes share their measurements."""
     return 1 << max(0, batch_size - 1).bit_length()
 
 
+class StepCosts:
+    """t(n): seconds of a step with n rows, from measured steps."""
+
+    def __init__(self) -> None:
+        self._rows: list[int] = []  # sorted row counts with a measurement
+        self._seconds: dict[int, float] = {}
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if rows < 1 or seconds <= 0:
+            return
+        if rows in self._seconds:
+            self._seconds[rows] = COST_DECAY * self._seconds[rows] + (1 - COST_DECAY) * seconds
+        else:
+            bisect.insort(self._rows, rows)
+            self._seconds[rows] = seconds
+
+    def estimate(self, rows: int) -> float | None:
+        """Interpolated between the nearest measured counts; scaled from the nearest one beyond them;
+        None before any measurement."""
+        if not self._rows:
+            return None
+        if rows in self._seconds:
+            return self._seconds[rows]
+        i = bisect.bisect_left(self._rows, rows)
+        if i == 0:
+            lo_n, lo_t = 0, 0.0
+        else:
+            lo_n = self._rows[i - 1]
+            lo_t = self._seconds[lo_n]
+        if i == len(self._rows):  # beyond every measurement: as costly per row as the largest one
+            return lo_t * rows / lo_n
+        hi_n = self._rows[i]
+        hi_t = self._seconds[hi_n]
+        if lo_n == 0:  # fewer rows than any measurement: taken as costly as the smallest one
+            return hi_t
+        return lo_t + (hi_t - lo_t) * (rows - lo_n) / (hi_n - lo_n)
+
+
 @dataclass
-class _Arm:
-    rate: float = 0.0  # tokens per second, moving average
-    samples: int = 0
+class _Acceptance:
+    successes: float = 0.0
+    trials: float = 0.0
 
-    def observe(self, rate: float) -> None:
-        self.rate = rate if self.samples == 0 else RATE_DECAY * self.rate + (1 - RATE_DECAY) * rate
-        self.samples += 1
+    def decay(self) -> None:
+        self.successes *= ACCEPT_DECAY
+        self.trials *= ACCEPT_DECAY
+
+    def add(self, proposed: int, accepted: int) -> None:
+        self.successes += accepted
+        self.trials += accepted + (1 if accepted < proposed else 0)
+
+    def alpha(self, prior: float) -> float:
+        return (self.successes + PRIOR_TRIALS * prior) / (self.trials + PRIOR_TRIALS)
 
 
 @dataclass
-class _Bucket:
-    on: _Arm = field(default_factory=_Arm)
-    off: _Arm = field(default_factory=_Arm)
-    decisions: int = 0
+class Candidate:
+    """A request that may draft next step: at most `limit` drafts."""
 
-
-@dataclass
-class _RequestAcceptance:
-    rate: float = 1.0
-    paused_until: int = 0
+    request_id: str
+    limit: int
 
 
 class SpeculationController:
     def __init__(self, disable_by_batch_size: int | None = None) -> None:
         self.disable_by_batch_size = disable_by_batch_size
-        self._buckets: dict[int, _Bucket] = {}
-        self._requests: dict[str, _RequestAcceptance] = {}
+        self.costs = StepCosts()
+        self._pass_seconds: dict[int, float] = {}  # batch bucket -> seconds of one draft pass
+        self._requests: dict[str, _Acceptance] = {}
+        self._overall = _Acceptance(INITIAL_ALPHA * 4, 4.0)  # engine-wide, decays per verification
         self._step = 0
 
-    def should_speculate(self, batch_size: int) -> bool:
-        """For the next step, whose running batch is `batch_size` sequences."""
-        if self.disable_by_batch_size is not None:
-            return batch_size < self.disable_by_batch_size
-        b = self._buckets.setdefault(batch_bucket(batch_size), _Bucket())
-        b.decisions += 1
-        for arm, choice in ((b.on, True), (b.off, False)):
-            if arm.samples < MIN_SAMPLES:
-                return choice
-        best = b.on.rate >= b.off.rate
-        return (not best) if b.decisions % EXPLORE_EVERY == 0 else best
+    # --- measurements ----------------------------------------------------------------------------
 
-    def observe_step(self, batch_size: int, speculated: bool, num_tokens: int, seconds: float) -> None:
-        """A decode-only step's outcome: tokens it emitted over its duration."""
-        if seconds <= 0 or self.disable_by_batch_size is not None:
+    def observe_step(self, rows: int, seconds: float) -> None:
+        """A step's forward and sampling over `rows` rows took `seconds`."""
+        self.costs.observe(rows, seconds)
+
+    def observe_proposal(self, batch_size: int, passes: int, seconds: float) -> None:
+        """Drafting for `batch_size` requests took `passes` passes and `seconds` (model-based proposers)."""
+        if passes < 1 or seconds <= 0:
             return
-        b = self._buckets.setdefault(batch_bucket(batch_size), _Bucket())
-        (b.on if speculated else b.off).observe(num_tokens / seconds)
-
-    def eligible(self, request_id: str) -> bool:
-        state = self._requests.get(request_id)
-        return state is None or state.paused_until <= self._step
+        b = batch_bucket(batch_size)
+        per_pass = seconds / passes
+        old = self._pass_seconds.get(b)
+        self._pass_seconds[b] = per_pass if old is None else COST_DECAY * old + (1 - COST_DECAY) * per_pass
 
     def observe_request(self, request_id: str, proposed: int, accepted: int) -> None:
-        state = self._requests.setdefault(request_id, _RequestAcceptance())
-        state.rate = ACCEPT_DECAY * state.rate + (1 - ACCEPT_DECAY) * (accepted / proposed)
-        if state.rate < LOW_ACCEPTANCE:
-            state.paused_until = self._step + PAUSE_STEPS
-            state.rate = LOW_ACCEPTANCE * 2  # after the pause it gets a few chances again
+        self._requests.setdefault(request_id, _Acceptance()).add(proposed, accepted)
+        self._overall.decay()
+        self._overall.add(proposed, accepted)
 
-    def next_step(self) -> None:
+    def next_step(self, request_ids: Iterable[str]) -> None:
+        """A step passed for these requests: their counts fade a little."""
         self._step += 1
+        for rid in request_ids:
+            if (state := self._requests.get(rid)) is not None:
+                state.decay()
 
     def forget(self, request_ids: Iterable[str]) -> None:
         for rid in request_ids:
             self._requests.pop(rid, None)
 
-    def arms(self) -> dict[int, tuple[float, float]]:
-        """Per bucket: measured tokens/s with and without speculation (for reports and tests)."""
-        return {k: (b.on.rate, b.off.rate) for k, b in sorted(self._buckets.items())}
+    def alpha(self, request_id: str) -> float:
+        """The chance that this request's next draft is accepted (given the one before it was)."""
+        prior = self._overall.alpha(INITIAL_ALPHA)
+        state = self._requests.get(request_id)
+        return prior if state is None else state.alpha(prior)
+
+    # --- the plan --------------------------------------------------------------------------------
+
+    def plan(self, batch_size: int, candidates: list[Candidate], model_based: bool) -> dict[str, int]:
+        """Drafts per request for the next step, whose batch has `batch_size` requests (one row each
+        before drafts). A request left out drafts nothing."""
+        candidates = [c for c in candidates if c.limit > 0]
+        if not candidates:
+            return {}
+        if self.disable_by_batch_size is not None:
+            return {} if batch_size >= self.disable_by_batch_size else {c.request_id: c.limit for c in candidates}
+        base = self.costs.estimate(batch_size)
+        if base is None:  # nothing measured yet: speculate, and learn what it costs
+            return {c.request_id: c.limit for c in candidates}
+        # Every draft as (expected gain, request); a request's j-th draft counts alpha^j.
+        gains = []
+        for c in candidates:
+            a, g = self.alpha(c.request_id), 1.0
+            for _ in range(c.limit):
+                g *= a
+                gains.append((g, c.request_id))
+        gains.sort(key=lambda x: -x[0])
+        pass_cost = self._pass_seconds.get(batch_bucket(batch_size), 0.0) if model_based else 0.0
+        best_rate, best_n = batch_size / base, 0
+        tokens, per_request, passes = float(batch_size), {}, 0
+        for n, (g, rid) in enumerate(gains, 1):
+            tokens += g
+            per_request[rid] = per_request.get(rid, 0) + 1
+            passes = max(passes, per_request[rid])
+            cost = self.costs.estimate(batch_size + n) + passes * pass_cost
+            if tokens / cost > best_rate:
+                best_rate, best_n = tokens / cost, n
+        if self._step % EXPLORE_EVERY == 0:
+            best_n = min(len(gains), max(2 * best_n, len(candidates)))
+        plan: dict[str, int] = {}
+        for _, rid in gains[:best_n]:
+            plan[rid] = plan.get(rid, 0) + 1
+        return plan

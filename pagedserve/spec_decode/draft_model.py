@@ -3,10 +3,14 @@ forward per draft position.
 
 Its paged KV cache sits beside the target's with the same number of blocks and the same block size,
 and it is addressed through the target's block tables: whatever the target's KV manager allocates,
-frees, preempts, forks or copies on write, the draft's cache follows without a second manager. Every
-token the target computes is computed by the draft too (the first pass of each step catches up on the
-step's verified tokens and then proposes), so a prefix-cache hit holds the draft's K/V as well. Draft
-K/V only steers proposals: a stale slot can cost acceptance, never a wrong output token.
+frees, preempts, forks or copies on write, the draft's cache follows without a second manager.
+
+The draft runs only in steps that draft: its first pass catches up on every token of the request it
+has not computed yet (the step's verified tokens, or everything since it last drafted, as one chunk)
+and proposes the first token, so a step the controller keeps plain costs the draft nothing. A request
+the target recomputes (after a preemption) is recomputed by the draft too when it next drafts; a
+prefix-cache hit is trusted to hold the draft's K/V as well. Draft K/V only steers proposals: a stale
+slot can cost acceptance, never a wrong output token.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ class DraftModelProposer:
         cfg = model.config
         args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
         self.kv_caches = [self.backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
+        self._computed: dict[str, int] = {}  # request -> positions 0.. whose draft K/V is written
+
+    model_based = True
 
     @classmethod
     def build(cls, spec: SpeculativeConfig, core: EngineCore) -> DraftModelProposer:
@@ -61,16 +68,21 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, items: list[DraftItem]) -> dict[str, list[int]]:
-        # Pass 1: each request's verified tokens of this step, and the token sampled after them.
+        # Pass 1: each drafting request's tokens the draft has not computed, through the one just sampled.
         runs, drafting = [], []
-        for item in items:
-            end = item.start + item.num_verified + (1 if item.sampled else 0)
-            runs.append(TokenRun(item.token_ids[item.start:end], item.start, item.block_ids))
-            if item.max_drafts > 0:
-                drafting.append(len(runs) - 1)
+        for i, item in enumerate(items):
+            rid = item.request.request_id
+            done = self._computed.get(rid, item.start)  # a new request: what the target skipped is cached
+            if item.start < done - 1:  # the target recomputes positions (a preemption): so must the draft
+                done = item.start
+            self._computed[rid] = done
+            if item.max_drafts > 0 and item.sampled:
+                runs.append(TokenRun(item.token_ids[done:], done, item.block_ids))
+                drafting.append(i)
+                self._computed[rid] = len(item.token_ids)
         if not runs:
             return {}
-        first = self._forward(runs, drafting)
+        first = self._forward(runs, list(range(len(runs))))
         drafts = {items[i].request.request_id: [t] for i, t in zip(drafting, first, strict=True)}
         # Passes 2..k: one token per request still drafting.
         for j in range(1, max((items[i].max_drafts for i in drafting), default=0)):
@@ -102,4 +114,5 @@ class DraftModelProposer:
         self.backend.copy_blocks(self.kv_caches, copies)
 
     def forget(self, request_ids: Iterable[str]) -> None:
-        pass  # no per-request state: the target's block tables address everything
+        for rid in request_ids:
+            self._computed.pop(rid, None)

@@ -46,6 +46,8 @@ class LayerSkipProposer:
         self.device = device
         self._kept: dict[str, _Kept] = {}
 
+    model_based = True
+
     @classmethod
     def build(cls, spec: SpeculativeConfig, core: EngineCore) -> LayerSkipProposer:
         layers = core.model_config.num_hidden_layers

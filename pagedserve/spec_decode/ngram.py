@@ -17,6 +17,8 @@ _ITEM = 4  # bytes per token id in the buffers
 
 
 class NgramProposer:
+    model_based = False  # a lookup: cheap enough to propose before the controller plans
+
     def __init__(self, num_speculative_tokens: int, prompt_lookup_min: int, prompt_lookup_max: int) -> None:
         self.k = num_speculative_tokens
         self.min_n = prompt_lookup_min

@@ -32,6 +32,10 @@ class DraftItem:
 
 
 class Proposer(Protocol):
+    # True: drafting costs forward passes, so the controller plans before it drafts; False (lookup):
+    # proposing is cheap, so it proposes first and the plan keeps what pays.
+    model_based: bool
+
     def propose(self, items: list[DraftItem]) -> dict[str, list[int]]:
         """Proposed tokens (after each item's last token) by request id; an item may get none."""
 

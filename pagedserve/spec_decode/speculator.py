@@ -9,7 +9,7 @@ import time
 
 from pagedserve.core.sched.output import ScheduledRequest, SchedulerOutput
 from pagedserve.spec_decode.config import SpeculativeConfig
-from pagedserve.spec_decode.controller import SpeculationController
+from pagedserve.spec_decode.controller import Candidate, SpeculationController
 from pagedserve.spec_decode.proposer import DraftItem, Proposer
 from pagedserve.spec_decode.stats import SpecDecodeStats
 
@@ -23,7 +23,6 @@ class Speculator:
         self.max_model_len = max_model_len
         self.controller = SpeculationController(config.disable_by_batch_size)
         self.stats = SpecDecodeStats()
-        self._proposal_seconds = 0.0  # what proposing for this step cost (charged to its measurement)
 
     def record_verification(self, request_id: str, num_draft: int, num_accepted: int) -> None:
         self.stats.record(num_draft, num_accepted)
@@ -31,37 +30,48 @@ class Speculator:
 
     def after_step(self, sched: SchedulerOutput, emitted: dict[str, list[int]], step_seconds: float) -> dict[str, list[int]]:
         """This step's tokens are known: time it, then draft for the next one."""
-        speculated = any(s.num_spec_tokens for s in sched.scheduled)
-        if all(s.num_new_tokens == 1 + s.num_spec_tokens for s in sched.scheduled):  # decode-only: comparable
-            tokens = sum(len(t) for t in emitted.values())
-            self.controller.observe_step(len(sched.scheduled), speculated, tokens,
-                                         step_seconds + (self._proposal_seconds if speculated else 0.0))
-        self.controller.next_step()
+        self.controller.observe_step(sum(s.num_new_tokens for s in sched.scheduled), step_seconds)
+        self.controller.next_step(s.request.request_id for s in sched.scheduled)
         self.proposer.forget(sched.finished_req_ids)
         self.controller.forget(sched.finished_req_ids)
-        started = time.perf_counter()
-        on = self.controller.should_speculate(len(sched.scheduled))
-        if on:
-            self.stats.num_steps_speculated += 1
-        else:
-            self.stats.num_steps_plain += 1
-        items = [self._item(s, emitted.get(s.request.request_id, []), on) for s in sched.scheduled]
+        items = [self._item(s, emitted.get(s.request.request_id, [])) for s in sched.scheduled]
         try:
-            drafts = self.proposer.propose(items)
+            drafts = self._draft(items)
         except Exception:  # a failing proposer costs this step its speculation, never the requests
             logger.exception("speculative proposer failed; this step runs without proposals")
             drafts = {}
-        self._proposal_seconds = time.perf_counter() - started
+        drafts = {rid: d for rid, d in drafts.items() if d}
+        if drafts:
+            self.stats.num_steps_speculated += 1
+        else:
+            self.stats.num_steps_plain += 1
         return drafts
 
-    def _item(self, s: ScheduledRequest, new_ids: list[int], on: bool) -> DraftItem:
+    def _draft(self, items: list[DraftItem]) -> dict[str, list[int]]:
+        """Proposals within the controller's plan. A cheap proposer (lookup) proposes first, so the plan
+        knows which requests have drafts at all; a model-based one drafts only what the plan asks for."""
+        batch = len(items)
+        if not getattr(self.proposer, "model_based", False):
+            found = self.proposer.propose(items)
+            plan = self.controller.plan(batch, [Candidate(rid, len(d)) for rid, d in found.items()], False)
+            return {rid: found[rid][:n] for rid, n in plan.items()}
+        plan = self.controller.plan(batch, [Candidate(it.request.request_id, it.max_drafts) for it in items], True)
+        if not plan:
+            return {}
+        for it in items:
+            it.max_drafts = plan.get(it.request.request_id, 0)
+        started = time.perf_counter()
+        drafts = self.proposer.propose(items)
+        self.controller.observe_proposal(batch, max(plan.values()), time.perf_counter() - started)
+        return drafts
+
+    def _item(self, s: ScheduledRequest, new_ids: list[int]) -> DraftItem:
         req = s.request
         verified = s.num_new_tokens - (s.num_spec_tokens + 1 - len(new_ids) if s.num_spec_tokens else 0)
         num_out = len(req.output_token_ids) + len(new_ids)
         total = req.num_tokens + len(new_ids)
         allowed = 0
-        if (on and new_ids and not s.forks and req.beam_group is None
-                and self.controller.eligible(req.request_id)):
+        if new_ids and not s.forks and req.beam_group is None:
             max_tokens = req.params.max_tokens or self.max_model_len
             # Room for the drafts plus the token sampled after them, within max_tokens and the context.
             allowed = max(0, min(self.config.num_speculative_tokens, max_tokens - num_out - 1,

@@ -36,6 +36,16 @@ class SpecDecodeStats:
         return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
                                list(self.accepted_per_pos), self.num_steps_speculated, self.num_steps_plain)
 
+    def since(self, earlier: SpecDecodeStats) -> SpecDecodeStats:
+        """The counts added after `earlier` (a copy taken before, e.g. before a benchmark run)."""
+        per_pos = list(self.accepted_per_pos)
+        for pos, n in enumerate(earlier.accepted_per_pos):
+            per_pos[pos] -= n
+        return SpecDecodeStats(self.num_drafts - earlier.num_drafts, self.num_draft_tokens - earlier.num_draft_tokens,
+                               self.num_accepted_tokens - earlier.num_accepted_tokens, per_pos,
+                               self.num_steps_speculated - earlier.num_steps_speculated,
+                               self.num_steps_plain - earlier.num_steps_plain)
+
     def as_dict(self) -> dict[str, object]:
         return {"num_drafts": self.num_drafts, "num_draft_tokens": self.num_draft_tokens,
                 "num_accepted_tokens": self.num_accepted_tokens, "accepted_per_pos": list(self.accepted_per_pos),

@@ -47,6 +47,13 @@ def test_per_request_latencies():
     assert metrics.itls(one) == [] and metrics.tpot(one) is None
 
 
+def test_tokens_delivered_together_are_one_gap_but_count_in_tpot():
+    # A speculative step that accepts two drafts delivers three tokens at once.
+    spec = _rec("s", 0.0, 0.0, [1.0, 1.0, 1.0, 1.4, 2.0, 2.0])
+    assert metrics.itls(spec) == pytest.approx([0.4, 0.6])
+    assert metrics.tpot(spec) == pytest.approx(1.0 / 5)
+
+
 def test_goodput_counts_requests_within_every_slo():
     failed = _rec("c", 0.0, None, [], max_tokens=5, error="HTTP 429")
     slo = SLO(ttft=1.0, itl=0.25)

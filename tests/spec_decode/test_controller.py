@@ -1,40 +1,92 @@
-from pagedserve.spec_decode.controller import EXPLORE_EVERY, MIN_SAMPLES, SpeculationController, batch_bucket
+import pytest
+
+from pagedserve.spec_decode.controller import EXPLORE_EVERY, Candidate, SpeculationController, StepCosts
+
+
+def _controller(costs: dict[int, float], **kw) -> SpeculationController:
+    c = SpeculationController(**kw)
+    for rows, seconds in costs.items():
+        c.observe_step(rows, seconds)
+    c.next_step([])  # step 1: not an exploring step
+    return c
+
+
+def _accepting(c: SpeculationController, rid: str, proposed: int, accepted: int, times: int = 10) -> None:
+    for _ in range(times):
+        c.observe_request(rid, proposed, accepted)
 
 
 def test_fixed_threshold():
     c = SpeculationController(disable_by_batch_size=8)
-    assert c.should_speculate(7) and not c.should_speculate(8)
+    cands = [Candidate("a", 4), Candidate("b", 2)]
+    assert c.plan(7, cands, False) == {"a": 4, "b": 2}
+    assert c.plan(8, cands, False) == {}
 
 
-def test_measured_arms_pick_the_faster_and_keep_exploring():
+def test_nothing_measured_speculates_to_learn():
     c = SpeculationController()
-    # Small batches: speculation emits more tokens per second; large: it costs more than it saves.
-    for _ in range(MIN_SAMPLES):
-        c.observe_step(1, True, 30, 0.1)
-        c.observe_step(1, False, 10, 0.1)
-        c.observe_step(64, True, 100, 0.5)
-        c.observe_step(64, False, 64, 0.2)
-    small = [c.should_speculate(1) for _ in range(EXPLORE_EVERY * 2)]
-    large = [c.should_speculate(64) for _ in range(EXPLORE_EVERY * 2)]
-    assert small.count(True) == len(small) - 2  # the other arm is tried once per EXPLORE_EVERY
-    assert large.count(False) == len(large) - 2
-    assert batch_bucket(33) == batch_bucket(64) != batch_bucket(32)
+    assert c.plan(4, [Candidate("a", 3), Candidate("b", 0)], False) == {"a": 3}
 
 
-def test_an_untried_arm_is_tried_first():
-    c = SpeculationController()
-    assert c.should_speculate(4)  # nothing measured: speculation first
-    for _ in range(MIN_SAMPLES):
-        c.observe_step(4, True, 5, 0.1)
-    assert not c.should_speculate(4)  # then plain decoding, until both arms have samples
+def test_step_costs_interpolate_and_scale_beyond_the_largest():
+    t = StepCosts()
+    assert t.estimate(3) is None
+    t.observe(1, 0.010)
+    t.observe(9, 0.020)
+    assert t.estimate(5) == pytest.approx(0.015)
+    assert t.estimate(18) == pytest.approx(0.040)  # per row as costly as at 9 rows
+    assert t.estimate(1) == pytest.approx(0.010)
+    t.observe(1, 0.020)  # a moving average, not the last sample
+    assert 0.010 < t.estimate(1) < 0.020
 
 
-def test_requests_whose_drafts_keep_failing_pause():
-    c = SpeculationController()
-    for _ in range(10):
-        c.observe_request("r", 4, 0)
-    assert not c.eligible("r")
-    for _ in range(40):
-        c.next_step()
-    assert c.eligible("r")  # a new chance after the pause
+def test_cheap_rows_and_good_drafts_speculate_costly_rows_do_not():
+    cheap = _controller({1: 0.010, 5: 0.012})
+    _accepting(cheap, "a", 4, 4)
+    assert cheap.plan(1, [Candidate("a", 4)], False) == {"a": 4}
+    costly = _controller({1: 0.010, 5: 0.050})  # every row costs what a whole step does
+    _accepting(costly, "a", 4, 4)
+    assert costly.plan(1, [Candidate("a", 4)], False) == {}
+
+
+def test_drafts_go_to_the_requests_likely_to_accept_them():
+    c = _controller({2: 0.010, 4: 0.0125, 6: 0.015})
+    _accepting(c, "good", 4, 4)
+    _accepting(c, "bad", 4, 0)
+    plan = c.plan(2, [Candidate("good", 4), Candidate("bad", 4)], False)
+    assert plan.get("good", 0) >= 2 and "bad" not in plan
+    assert c.alpha("bad") < 0.2 < 0.8 < c.alpha("good")
+
+
+def test_a_request_that_stopped_drafting_gets_another_chance():
+    c = _controller({1: 0.010, 3: 0.014})  # a row costs a fifth of a step: a 10% draft does not pay
+    _accepting(c, "other", 2, 2)
+    _accepting(c, "r", 2, 0)
+    assert c.plan(1, [Candidate("r", 2)], False) == {}
+    for _ in range(40):  # its failures fade towards the engine-wide rate
+        c.next_step(["r"])
+    if c._step % EXPLORE_EVERY == 0:
+        c.next_step([])
+    assert c.plan(1, [Candidate("r", 2)], False).get("r", 0) >= 1
     c.forget(["r"])
+    assert c.alpha("r") == pytest.approx(c.alpha("never-seen"))
+
+
+def test_a_costly_draft_pass_turns_model_based_drafting_off():
+    c = _controller({1: 0.010, 3: 0.011})
+    _accepting(c, "a", 2, 2)
+    assert c.plan(1, [Candidate("a", 2)], True) == {"a": 2}  # no pass measured yet
+    c.observe_proposal(1, 2, 0.020)  # each draft pass costs a whole step
+    assert c.plan(1, [Candidate("a", 2)], True) == {}
+    assert c.plan(1, [Candidate("a", 2)], False) == {"a": 2}  # the same rows, proposed for free
+
+
+def test_exploring_steps_plan_more_than_the_model_picked():
+    c = _controller({1: 0.010, 5: 0.050})
+    _accepting(c, "a", 4, 4)
+    plans = []
+    for _ in range(EXPLORE_EVERY):
+        plans.append(c.plan(1, [Candidate("a", 4)], False))
+        c.next_step(["a"])
+        _accepting(c, "a", 4, 4, times=1)
+    assert sum(1 for p in plans if p) == 1

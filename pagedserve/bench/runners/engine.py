@@ -81,6 +81,8 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
     started_unix = time.time()
     contention = Contention()
     queries0, hits0 = prefix_counters(engine.kv_stats())  # the warm-up's lookups are not the run's
+    spec0 = engine.stats().spec_decode
+    spec0 = spec0.copy() if spec0 is not None else None
     t0 = replay.start()
     while not replay.exhausted or in_flight:
         for wr, arrival in replay.due(in_flight):
@@ -116,6 +118,7 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
     duration = replay.now()
     bar.close()
     queries1, hits1 = prefix_counters(engine.kv_stats())
+    spec1 = engine.stats().spec_decode
     machine = contention.result()
     config = {"model": str(engine.model_path), "engine": dataclasses.asdict(engine.config),
               "num_kv_blocks": engine.kv_stats().total_blocks, "torch_threads": torch.get_num_threads(),
@@ -125,7 +128,8 @@ def run_on_engine(engine: LLMEngine, workload: Workload, system: str, progress: 
                      requests=[records[r.request_id] for r in workload.requests if r.request_id in records],
                      steps=[step_sample(s, t0) for s in engine.step_records], duration=duration,
                      started_unix=started_unix, notes=[note] if note else [],
-                     prefix_cache={"queries": queries1 - queries0, "hits": hits1 - hits0, "source": "engine counters"})
+                     prefix_cache={"queries": queries1 - queries0, "hits": hits1 - hits0, "source": "engine counters"},
+                     spec_decode=None if spec1 is None or spec0 is None else spec1.since(spec0).as_dict())
 
 
 def run_engine(workload: Workload, model: str, policy: str, engine_options: dict | None = None,
