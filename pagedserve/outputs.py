@@ -33,8 +33,10 @@ class RequestMetrics:
 
     @property
     def inter_token_latencies(self) -> list[float]:
+        """Gaps between deliveries: tokens one step accepted together (speculative decoding) arrive at
+        once and count as one, as vLLM counts an iteration."""
         t = self.token_times
-        return [b - a for a, b in zip(t, t[1:], strict=False)]
+        return [b - a for a, b in zip(t, t[1:], strict=False) if b != a]
 
     @property
     def mean_itl(self) -> float | None:

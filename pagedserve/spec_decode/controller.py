@@ -15,7 +15,9 @@ likely its draft is to be accepted, and both are measured, not guessed:
 Each step then adds drafts in the order of their expected gain (a request's j-th draft is accepted
 with probability alpha^j) while the expected tokens per second, (B + expected accepted) /
 (t(B + drafts) + passes * pass cost), keeps growing, and keeps the best prefix. Now and then it
-tries more drafts than it planned, so a cost it measured badly once is measured again.
+tries more drafts than it planned, so a cost it measured badly once is measured again; while the
+model keeps picking no drafts at all those tries grow rarer (every 16, 32, ... 1024 steps), so that
+a draft that never pays (a draft model as large as the target) costs next to nothing.
 `disable_by_batch_size` (vLLM's option) replaces all of this by a fixed threshold.
 """
 
@@ -25,7 +27,8 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-EXPLORE_EVERY = 16  # every this many steps, plan twice the drafts the model picked (at least one per request)
+EXPLORE_EVERY = 16  # steps between two tries of more drafts than the model picked...
+MAX_EXPLORE_EVERY = 1024  # ...doubling up to this while the model keeps picking none
 COST_DECAY = 0.7  # weight of the old estimate in each row count's moving average of step seconds
 ACCEPT_DECAY = 0.9  # per step: how fast a request's acceptance counts fade
 PRIOR_TRIALS = 2.0  # weight of the engine-wide rate in a request's estimate
@@ -108,6 +111,8 @@ class SpeculationController:
         self._requests: dict[str, _Acceptance] = {}
         self._overall = _Acceptance(INITIAL_ALPHA * 4, 4.0)  # engine-wide, decays per verification
         self._step = 0
+        self._explore_every = EXPLORE_EVERY
+        self._next_explore = EXPLORE_EVERY
 
     # --- measurements ----------------------------------------------------------------------------
 
@@ -177,7 +182,9 @@ class SpeculationController:
             cost = self.costs.estimate(batch_size + n) + passes * pass_cost
             if tokens / cost > best_rate:
                 best_rate, best_n = tokens / cost, n
-        if self._step % EXPLORE_EVERY == 0:
+        if self._step >= self._next_explore:
+            self._explore_every = EXPLORE_EVERY if best_n else min(2 * self._explore_every, MAX_EXPLORE_EVERY)
+            self._next_explore = self._step + self._explore_every
             best_n = min(len(gains), max(2 * best_n, len(candidates)))
         plan: dict[str, int] = {}
         for _, rid in gains[:best_n]:

@@ -56,13 +56,13 @@ class Speculator:
             plan = self.controller.plan(batch, [Candidate(rid, len(d)) for rid, d in found.items()], False)
             return {rid: found[rid][:n] for rid, n in plan.items()}
         plan = self.controller.plan(batch, [Candidate(it.request.request_id, it.max_drafts) for it in items], True)
-        if not plan:
-            return {}
         for it in items:
             it.max_drafts = plan.get(it.request.request_id, 0)
+        # Called even with nothing to draft: the proposer sees every step (where each request starts).
         started = time.perf_counter()
         drafts = self.proposer.propose(items)
-        self.controller.observe_proposal(batch, max(plan.values()), time.perf_counter() - started)
+        if plan:
+            self.controller.observe_proposal(batch, max(plan.values()), time.perf_counter() - started)
         return drafts
 
     def _item(self, s: ScheduledRequest, new_ids: list[int]) -> DraftItem:

@@ -74,3 +74,28 @@ def test_parity_with_the_cache_warm_and_partly_hit(hf_smollm2, smollm2_tokenizer
     assert cold[0].outputs[0].token_ids == warm[0].outputs[0].token_ids == reference[0]
     assert [o.outputs[0].token_ids for o in partial] == reference[1:]
     assert len(cold_rows) == len(warm_rows) and all(a.equal(b) for a, b in zip(cold_rows, warm_rows, strict=True))
+
+
+SPEC_METHODS = {
+    "ngram": {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1},
+    "layer_skip": {"method": "layer_skip", "num_draft_layers": 20, "num_speculative_tokens": 3},
+    # Any model sharing the tokenizer can draft: the same GGUF is the machinery check (it accepts all).
+    "draft_model": {"method": "draft_model", "model": "smollm2-135m", "num_speculative_tokens": 3},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(SPEC_METHODS))
+def test_parity_with_speculative_decoding(hf_reference, method):
+    """Every step speculates (a fixed threshold above any batch); the draft model also under preemption
+    (its own cache follows the target's block tables through it)."""
+    spec = {**SPEC_METHODS[method], "disable_by_batch_size": 10_000}
+    for options in ({}, {"num_blocks": 12, "block_size": 16}) if method == "draft_model" else ({},):
+        llm = LLM("smollm2-135m", device=ENGINE_DEVICE, speculative_config=spec, **options)
+        _check(llm, hf_reference)
+        stats = llm.engine.stats().spec_decode
+        assert stats.num_draft_tokens > 0
+        if method == "draft_model":
+            assert stats.acceptance_rate == 1.0
+        if options:
+            assert llm.engine.scheduler.num_preemptions > 0

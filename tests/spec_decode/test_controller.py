@@ -65,8 +65,7 @@ def test_a_request_that_stopped_drafting_gets_another_chance():
     assert c.plan(1, [Candidate("r", 2)], False) == {}
     for _ in range(40):  # its failures fade towards the engine-wide rate
         c.next_step(["r"])
-    if c._step % EXPLORE_EVERY == 0:
-        c.next_step([])
+    c._next_explore = c._step + 1  # (not an exploring step)
     assert c.plan(1, [Candidate("r", 2)], False).get("r", 0) >= 1
     c.forget(["r"])
     assert c.alpha("r") == pytest.approx(c.alpha("never-seen"))
@@ -81,12 +80,13 @@ def test_a_costly_draft_pass_turns_model_based_drafting_off():
     assert c.plan(1, [Candidate("a", 2)], False) == {"a": 2}  # the same rows, proposed for free
 
 
-def test_exploring_steps_plan_more_than_the_model_picked():
+def test_exploring_steps_plan_more_than_the_model_picked_and_grow_rarer_while_it_picks_none():
     c = _controller({1: 0.010, 5: 0.050})
     _accepting(c, "a", 4, 4)
-    plans = []
-    for _ in range(EXPLORE_EVERY):
-        plans.append(c.plan(1, [Candidate("a", 4)], False))
+    tried = []
+    for step in range(EXPLORE_EVERY * 15):
+        if c.plan(1, [Candidate("a", 4)], False):
+            tried.append(step)
         c.next_step(["a"])
-        _accepting(c, "a", 4, 4, times=1)
-    assert sum(1 for p in plans if p) == 1
+    gaps = [b - a for a, b in zip(tried, tried[1:], strict=False)]
+    assert len(tried) == 4 and gaps == [2 * EXPLORE_EVERY, 4 * EXPLORE_EVERY, 8 * EXPLORE_EVERY]

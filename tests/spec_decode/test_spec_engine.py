@@ -66,6 +66,25 @@ def test_a_draft_identical_to_the_target_is_always_accepted(tiny_llama_dir, plai
     assert s.accepted_per_pos[0] == s.num_drafts
 
 
+def test_a_draft_model_that_sat_out_plain_steps_catches_up(tiny_llama_dir, plain_tokens, monkeypatch):
+    """The controller keeps most steps plain; the draft computes nothing then and catches up when it
+    next drafts. With the target as its own draft, any stale K/V would show as a rejection: requests
+    one after another (reusing each other's blocks), and then all at once."""
+    from pagedserve.spec_decode.controller import SpeculationController
+
+    plan = SpeculationController.plan
+    monkeypatch.setattr(SpeculationController, "plan", lambda self, batch, cands, model_based: (
+        plan(self, batch, cands, model_based) if self._step % 5 == 0 else {}))
+    spec = {"method": "draft_model", "model": str(tiny_llama_dir), "num_speculative_tokens": 2, **ALWAYS}
+    llm = LLM(str(tiny_llama_dir), block_size=4, num_blocks=256, speculative_config=spec)
+    alone = [_tokens(llm.generate([p], GREEDY, use_tqdm=False))[0] for p in PROMPTS]
+    assert alone == plain_tokens
+    assert _tokens(llm.generate(PROMPTS, GREEDY, use_tqdm=False)) == plain_tokens
+    s = llm.engine.stats().spec_decode
+    assert s.num_drafts > len(PROMPTS) and s.num_steps_plain > s.num_steps_speculated
+    assert s.acceptance_rate == 1.0
+
+
 def test_seeded_text_is_the_same_with_and_without_speculation_alone_or_in_a_batch(tiny_llama_dir):
     sampled = SamplingParams(temperature=0.9, top_p=0.9, top_k=50, max_tokens=20, seed=11, ignore_eos=True)
     plain = LLM(str(tiny_llama_dir), block_size=4, num_blocks=256)
