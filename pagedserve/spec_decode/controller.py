@@ -16,8 +16,9 @@ Each step then adds drafts in the order of their expected gain (a request's j-th
 with probability alpha^j) while the expected tokens per second, (B + expected accepted) /
 (t(B + drafts) + passes * pass cost), keeps growing, and keeps the best prefix. Now and then it
 tries more drafts than it planned, so a cost it measured badly once is measured again; while the
-model keeps picking no drafts at all those tries grow rarer (every 16, 32, ... 1024 steps), so that
-a draft that never pays (a draft model as large as the target) costs next to nothing.
+model keeps picking no drafts at all those tries grow rarer (every 16, 32, ... 1024 steps), and they
+skip requests a draft model would first have to catch up on, so that a draft that never pays (a draft
+model as large as the target) costs next to nothing.
 `disable_by_batch_size` (vLLM's option) replaces all of this by a fixed threshold.
 """
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 
 EXPLORE_EVERY = 16  # steps between two tries of more drafts than the model picked...
 MAX_EXPLORE_EVERY = 1024  # ...doubling up to this while the model keeps picking none
+MAX_EXPLORE_CATCH_UP = 16  # tokens a draft model may have to catch up on for a request to be tried
 COST_DECAY = 0.7  # weight of the old estimate in each row count's moving average of step seconds
 ACCEPT_DECAY = 0.9  # per step: how fast a request's acceptance counts fade
 PRIOR_TRIALS = 2.0  # weight of the engine-wide rate in a request's estimate
@@ -97,10 +99,12 @@ class _Acceptance:
 
 @dataclass
 class Candidate:
-    """A request that may draft next step: at most `limit` drafts."""
+    """A request that may draft next step: at most `limit` drafts. `catch_up`: tokens a draft model
+    would first have to compute for it (it sat out the steps since it last drafted)."""
 
     request_id: str
     limit: int
+    catch_up: int = 0
 
 
 class SpeculationController:
@@ -182,11 +186,20 @@ class SpeculationController:
             cost = self.costs.estimate(batch_size + n) + passes * pass_cost
             if tokens / cost > best_rate:
                 best_rate, best_n = tokens / cost, n
-        if self._step >= self._next_explore:
-            self._explore_every = EXPLORE_EVERY if best_n else min(2 * self._explore_every, MAX_EXPLORE_EVERY)
-            self._next_explore = self._step + self._explore_every
-            best_n = min(len(gains), max(2 * best_n, len(candidates)))
         plan: dict[str, int] = {}
         for _, rid in gains[:best_n]:
             plan[rid] = plan.get(rid, 0) + 1
+        if self._step >= self._next_explore:
+            self._explore_every = EXPLORE_EVERY if best_n else min(2 * self._explore_every, MAX_EXPLORE_EVERY)
+            self._next_explore = self._step + self._explore_every
+            self._explore(plan, candidates)
         return plan
+
+    @staticmethod
+    def _explore(plan: dict[str, int], candidates: list[Candidate]) -> None:
+        """Twice the planned drafts (at least one) for every candidate, except where a draft model would
+        first catch up on a long stretch: a try must cost a few rows, not a prefill."""
+        for c in candidates:
+            if c.catch_up <= MAX_EXPLORE_CATCH_UP:
+                n = plan.get(c.request_id, 0)
+                plan[c.request_id] = min(c.limit, n + max(1, n))

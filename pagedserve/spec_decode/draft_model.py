@@ -66,16 +66,22 @@ class DraftModelProposer:
         return cls(model, core.kv.pool.num_blocks, core.kv.block_size, core.config.torch_dtype,
                    torch.device(core.config.device))
 
+    def _done(self, item: DraftItem) -> int:
+        """Positions 0.. of the request whose draft K/V stands."""
+        done = self._computed.get(item.request.request_id, item.start)  # new: what the target skipped is cached
+        return item.start if item.start < done - 1 else done  # the target recomputes (a preemption): so must it
+
+    def pending_tokens(self, item: DraftItem) -> int:
+        """Tokens of the request the draft would have to compute before it could propose."""
+        return len(item.token_ids) - self._done(item)
+
     @torch.inference_mode()
     def propose(self, items: list[DraftItem]) -> dict[str, list[int]]:
         # Pass 1: each drafting request's tokens the draft has not computed, through the one just sampled.
         runs, drafting = [], []
         for i, item in enumerate(items):
             rid = item.request.request_id
-            done = self._computed.get(rid, item.start)  # a new request: what the target skipped is cached
-            if item.start < done - 1:  # the target recomputes positions (a preemption): so must the draft
-                done = item.start
-            self._computed[rid] = done
+            done = self._computed[rid] = self._done(item)
             if item.max_drafts > 0 and item.sampled:
                 runs.append(TokenRun(item.token_ids[done:], done, item.block_ids))
                 drafting.append(i)

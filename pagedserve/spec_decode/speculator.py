@@ -55,13 +55,18 @@ class Speculator:
             found = self.proposer.propose(items)
             plan = self.controller.plan(batch, [Candidate(rid, len(d)) for rid, d in found.items()], False)
             return {rid: found[rid][:n] for rid, n in plan.items()}
-        plan = self.controller.plan(batch, [Candidate(it.request.request_id, it.max_drafts) for it in items], True)
+        pending = getattr(self.proposer, "pending_tokens", lambda item: 0)
+        candidates = [Candidate(it.request.request_id, it.max_drafts, pending(it)) for it in items]
+        plan = self.controller.plan(batch, candidates, True)
         for it in items:
             it.max_drafts = plan.get(it.request.request_id, 0)
+        # A pass's cost is learned from steps that catch up on no more than the last step's tokens: a
+        # first catch-up (a prompt, a stretch of plain steps) is paid once, not per pass.
+        steady = all(c.catch_up <= self.config.num_speculative_tokens + 1 for c in candidates if c.request_id in plan)
         # Called even with nothing to draft: the proposer sees every step (where each request starts).
         started = time.perf_counter()
         drafts = self.proposer.propose(items)
-        if plan:
+        if plan and steady:
             self.controller.observe_proposal(batch, max(plan.values()), time.perf_counter() - started)
         return drafts
 
