@@ -10,7 +10,8 @@ likely its draft is to be accepted, and both are measured, not guessed:
   tried drafts counted with decay (rejection stops a run, so a run of a accepted of d is a
   successes and a + 1 trials, or a trials when all were accepted), shrunk towards the engine-wide
   rate; a request that stops drafting drifts back to that rate, so it gets another chance later;
-- for a model-based proposer, what one draft pass costs at this batch size.
+- for a model-based proposer, what one draft pass costs at this batch size, and what catching up
+  costs for a request the draft sat out (priced from t(n), spread over the request's next steps).
 
 Each step then adds drafts in the order of their expected gain (a request's j-th draft is accepted
 with probability alpha^j) while the expected tokens per second, (B + expected accepted) /
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 
 EXPLORE_EVERY = 16  # steps between two tries of more drafts than the model picked...
 MAX_EXPLORE_EVERY = 1024  # ...doubling up to this while the model keeps picking none
+AMORTIZE_STEPS = 64  # a catch-up's cost is spread over at most this many of the request's next steps
 MAX_EXPLORE_CATCH_UP = 16  # tokens a draft model may have to catch up on for a request to be tried
 COST_DECAY = 0.7  # weight of the old estimate in each row count's moving average of step seconds
 ACCEPT_DECAY = 0.9  # per step: how fast a request's acceptance counts fade
@@ -105,6 +107,7 @@ class Candidate:
     request_id: str
     limit: int
     catch_up: int = 0
+    remaining: int = 1  # output tokens it may still make (over which a catch-up pays back)
 
 
 class SpeculationController:
@@ -177,13 +180,16 @@ class SpeculationController:
                 gains.append((g, c.request_id))
         gains.sort(key=lambda x: -x[0])
         pass_cost = self._pass_seconds.get(batch_bucket(batch_size), 0.0) if model_based else 0.0
+        by_id = {c.request_id: c for c in candidates}
         best_rate, best_n = batch_size / base, 0
-        tokens, per_request, passes = float(batch_size), {}, 0
+        tokens, per_request, passes, catch_up = float(batch_size), {}, 0, 0.0
         for n, (g, rid) in enumerate(gains, 1):
             tokens += g
             per_request[rid] = per_request.get(rid, 0) + 1
             passes = max(passes, per_request[rid])
-            cost = self.costs.estimate(batch_size + n) + passes * pass_cost
+            if per_request[rid] == 1 and pass_cost:
+                catch_up += self._catch_up_cost(batch_size, base, pass_cost, by_id[rid])
+            cost = self.costs.estimate(batch_size + n) + passes * pass_cost + catch_up
             if tokens / cost > best_rate:
                 best_rate, best_n = tokens / cost, n
         plan: dict[str, int] = {}
@@ -194,6 +200,16 @@ class SpeculationController:
             self._next_explore = self._step + self._explore_every
             self._explore(plan, candidates)
         return plan
+
+    def _catch_up_cost(self, batch_size: int, base: float, pass_cost: float, c: Candidate) -> float:
+        """A draft model's first pass for `c` computes its tokens since it last drafted: priced as the
+        target's extra rows would be, scaled by how the draft's pass compares with the target's step,
+        and spread over the steps it can pay back in (a prompt's catch-up is paid once per request)."""
+        extra = max(0, c.catch_up - 1)
+        if not extra:
+            return 0.0
+        rows = self.costs.estimate(batch_size + extra) - base
+        return max(0.0, rows) * (pass_cost / base) / max(1, min(c.remaining, AMORTIZE_STEPS))
 
     @staticmethod
     def _explore(plan: dict[str, int], candidates: list[Candidate]) -> None:

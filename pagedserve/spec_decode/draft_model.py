@@ -15,6 +15,7 @@ slot can cost acceptance, never a wrong output token.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,7 @@ class DraftModelProposer:
         args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
         self.kv_caches = [self.backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
         self._computed: dict[str, int] = {}  # request -> positions 0.. whose draft K/V is written
+        self.pass_seconds: list[float] = []  # the last propose()'s passes (the first one catches up)
 
     model_based = True
 
@@ -79,6 +81,7 @@ class DraftModelProposer:
     def propose(self, items: list[DraftItem]) -> dict[str, list[int]]:
         # Pass 1: each drafting request's tokens the draft has not computed, through the one just sampled.
         runs, drafting = [], []
+        self.pass_seconds = []
         for i, item in enumerate(items):
             rid = item.request.request_id
             done = self._computed[rid] = self._done(item)
@@ -106,12 +109,15 @@ class DraftModelProposer:
 
     def _forward(self, runs: list[TokenRun], wanted: list[int]) -> list[int]:
         """Write the runs' K/V into the draft cache; the argmax after the last token of runs `wanted`."""
+        started = time.perf_counter()
         batch = build_flat_batch(self.backend, self.block_size, self.device, runs)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        if not wanted:
-            return []
-        rows = torch.tensor([batch.last_rows[i] for i in wanted], dtype=torch.long, device=hidden.device)
-        return self.model.compute_logits(hidden[rows]).argmax(dim=-1).tolist()
+        tokens = []
+        if wanted:
+            rows = torch.tensor([batch.last_rows[i] for i in wanted], dtype=torch.long, device=hidden.device)
+            tokens = self.model.compute_logits(hidden[rows]).argmax(dim=-1).tolist()
+        self.pass_seconds.append(time.perf_counter() - started)
+        return tokens
 
     def forward(self, inputs) -> None:
         return None  # the step's forward is the runner's own

@@ -56,7 +56,8 @@ class Speculator:
             plan = self.controller.plan(batch, [Candidate(rid, len(d)) for rid, d in found.items()], False)
             return {rid: found[rid][:n] for rid, n in plan.items()}
         pending = getattr(self.proposer, "pending_tokens", lambda item: 0)
-        candidates = [Candidate(it.request.request_id, it.max_drafts, pending(it)) for it in items]
+        candidates = [Candidate(it.request.request_id, it.max_drafts, pending(it), self._remaining(it))
+                      for it in items]
         plan = self.controller.plan(batch, candidates, True)
         for it in items:
             it.max_drafts = plan.get(it.request.request_id, 0)
@@ -66,9 +67,16 @@ class Speculator:
         # Called even with nothing to draft: the proposer sees every step (where each request starts).
         started = time.perf_counter()
         drafts = self.proposer.propose(items)
-        if plan and steady:
+        passes = getattr(self.proposer, "pass_seconds", [])
+        if len(passes) >= 2:  # one-token passes after the first: the cost of a pass, catch-up aside
+            self.controller.observe_proposal(batch, len(passes) - 1, sum(passes[1:]))
+        elif plan and steady:
             self.controller.observe_proposal(batch, max(plan.values()), time.perf_counter() - started)
         return drafts
+
+    def _remaining(self, item: DraftItem) -> int:
+        max_tokens = item.request.params.max_tokens or self.max_model_len
+        return max(1, max_tokens - (len(item.token_ids) - item.request.num_prompt_tokens))
 
     def _item(self, s: ScheduledRequest, new_ids: list[int]) -> DraftItem:
         req = s.request
