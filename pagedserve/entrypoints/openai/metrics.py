@@ -10,9 +10,8 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from pagedserve.engine.protocol import EngineStats
+from pagedserve.engine.protocol import EngineStats, SpecDecodeStats  # the client interface's types only
 from pagedserve.outputs import RequestOutput
-from pagedserve.spec_decode.stats import SpecDecodeStats
 
 # vLLM's bucket boundaries (seconds), so histogram panels line up with theirs.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
