@@ -9,6 +9,7 @@ import torch
 
 from pagedserve.spec_decode.config import SpeculativeConfig
 
+QUANTIZATION_METHODS = ("int8", "w8a8", "gguf")  # pagedserve/model/quantization
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICIES = ("continuous", "static")
 
@@ -80,6 +81,11 @@ class EngineConfig:
         "run every layer of a step in one C++ call (default: $PAGEDSERVE_DECODER_STACK != 0)"))
     quantized_matmul: bool = field(default_factory=lambda: env_flag("PAGEDSERVE_QUANT_MATMUL"), metadata=option(
         "read a GGUF's Q4_1/Q8_0 blocks directly in small matmuls (default: $PAGEDSERVE_QUANT_MATMUL != 0)"))
+    # vLLM's option name; None keeps the checkpoint's own weights (a GGUF's blocks, or float).
+    quantization: str | None = field(default=None, metadata=option(
+        "quantize float weights at load: int8 (int8 weights, float32 activations) or w8a8 (int8 weights "
+        "and activations); gguf = the GGUF file's own blocks (what a GGUF gets anyway)",
+        choices=QUANTIZATION_METHODS))
     # A SpeculativeConfig, or its dict / JSON text (vLLM's `speculative_config`); None: no speculation.
     speculative_config: SpeculativeConfig | None = field(default=None, metadata=option(
         "speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
@@ -94,6 +100,12 @@ class EngineConfig:
                      "'continuous' with speculative_config (the static baseline reserves no draft slots)",
                      self.scheduler.policy)
         _require(self.dtype in _DTYPES, "dtype", f"one of {tuple(_DTYPES)}", self.dtype)
+        _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
+                 f"None or one of {QUANTIZATION_METHODS}", self.quantization)
+        if self.quantization in ("int8", "w8a8"):
+            _require(self.device == "cpu" and self.dtype == "float32", "quantization",
+                     f"used with device 'cpu' and dtype 'float32' ({self.quantization!r} runs on the CPU kernels)",
+                     self.quantization)
         _require(self.device == "cpu" or self.device.startswith("cuda"), "device", "'cpu' or 'cuda[:N]'", self.device)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but torch.cuda.is_available() is False")

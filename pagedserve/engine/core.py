@@ -23,7 +23,13 @@ from pagedserve.core.request import Request
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine.core_messages import EngineCoreOutputs, EngineCoreRequest
 from pagedserve.model.config import ModelConfig
-from pagedserve.model.loader import iter_quantized_rows, iter_weights, load_config, resolve_model_path
+from pagedserve.model.loader import (
+    check_quantization,
+    iter_quantized_rows,
+    iter_weights,
+    load_config,
+    resolve_model_path,
+)
 from pagedserve.model.registry import model_class_for
 from pagedserve.spec_decode.factory import build_speculator
 from pagedserve.spec_decode.stats import SpecDecodeStats
@@ -45,6 +51,7 @@ class StepRecord:
 
 
 def build_model(config: EngineConfig, path: Path, cfg: ModelConfig) -> torch.nn.Module:
+    check_quantization(path, config.quantization)
     model = model_class_for(cfg.architecture)(cfg)
     model.load_weights(iter_weights(path, cfg))
     device = torch.device(config.device)
@@ -52,7 +59,8 @@ def build_model(config: EngineConfig, path: Path, cfg: ModelConfig) -> torch.nn.
         model.attach_quantized(iter_quantized_rows(path, cfg))
     model = model.to(device=device, dtype=config.torch_dtype).eval()
     model.rotary.float()  # cos/sin tables stay float32 for accuracy; cast per step
-    model.prepare_for_inference(config.cpu_kernels, config.decoder_stack, config.quantized_matmul)
+    model.prepare_for_inference(config.cpu_kernels, config.decoder_stack, config.quantized_matmul,
+                                config.quantization)
     return model
 
 

@@ -607,8 +607,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_add_rms_norm", &fused_add_rms_norm);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("argmax_rows", &argmax_rows);
-  m.def("quant_pack", &quant_pack);
-  m.def("f32_pack", &f32_pack);
-  m.def("quant_linear", &quant_linear);
-  m.def("quant_linear_simd", &quant_linear_simd);
+  register_quant_linear(m);
 }

@@ -6,9 +6,9 @@
 // (tests/test_decoder_stack.py checks that); only the interpreter between them is gone.
 //
 // FusedLinear is the linear layers' dispatch for float32 on the CPU, used by the Python Linear too,
-// so the rule exists once: the panel kernel (quant_linear.cpp) for the checkpoint's GGUF blocks or, with
-// AVX-512, for float32 weights packed in the same panels (any row count: its per-row sums run in one
-// order whatever M is); else at::linear with fewer than 12 rows padded to a multiple of 4, which on
+// so the rule exists once: the panel kernel (quant_linear.cpp) for packed weights (GGUF blocks, int8,
+// or float32 weights in the same panels: any row count, its per-row sums run in one order whatever M
+// is), the W8A8 kernel for int8 x int8; else at::linear with fewer than 12 rows padded to a multiple of 4, which on
 // some CPUs' MKL gives a row the same bits at every M (not on all: docs/machine.md). A row's output
 // then does not depend on how many rows the step carries (batch invariance: prefix-cache hits,
 // chunking and batch composition cannot change the logits).
@@ -47,11 +47,12 @@ class FusedLinear {
   FusedLinear(at::Tensor weight, std::optional<at::Tensor> bias, std::optional<Quant> quant)
       : weight_(std::move(weight)), bias_(std::move(bias)) {
     if (quant) std::tie(codes_, d_, m_, format_) = *quant;
+    w8a8_ = format_ == "W8A8";
   }
 
   at::Tensor forward(const at::Tensor& x) const {
     if (x.dim() == 2 && codes_.defined()) {
-      at::Tensor out = quant_linear(x, codes_, d_, m_, format_);
+      at::Tensor out = w8a8_ ? w8a8_linear(x, codes_, d_, m_) : quant_linear(x, codes_, d_, m_, format_);
       return bias_ ? out.add_(*bias_) : out;
     }
     return row_invariant_linear(x, weight_, bias_);
@@ -62,6 +63,7 @@ class FusedLinear {
   std::optional<at::Tensor> bias_;
   at::Tensor codes_, d_, m_;
   std::string format_;
+  bool w8a8_ = false;  // codes_ = w8a8_pack's weights, d_ its scales, m_ its offsets
 };
 
 struct FusedLayer {

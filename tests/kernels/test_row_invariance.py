@@ -10,7 +10,8 @@ import torch
 from pagedserve.kernels import cpu_ops
 from pagedserve.model.layers.linear import Linear
 from pagedserve.model.quantization import row_invariant_linear
-from tests.model.test_quant_linear import _quantized
+from pagedserve.model.quantization.gguf_blocks import decode_rows
+from tests.model.test_quant_linear import gguf_dequantized, random_blocks
 
 ops = cpu_ops()
 ROW_COUNTS = [1, 2, 3, 4, 5, 7, 8, 9, 11, 12, 13, 16, 17, 31, 64, 100, 129, 257, 300]
@@ -43,38 +44,38 @@ def test_float_linear_rows_do_not_depend_on_the_row_count(shape):
         assert torch.equal(row_invariant_linear(x[-rows:], weight, bias), full[-rows:]), rows
 
 
-@pytest.mark.skipif(ops is None or not ops.quant_linear_simd(), reason="the panel kernel needs AVX-512")
+@pytest.mark.skipif(ops is None or ops.simd_level() == "generic", reason="no SIMD panel kernel in this build")
 @pytest.mark.parametrize("shape", SHAPES)
 def test_float_panel_kernel_rows_do_not_depend_on_the_row_count(shape):
     out_features, in_features = shape
     torch.manual_seed(0)
     layer = Linear(in_features, out_features, bias=True)
+    weight = layer.weight.detach().clone()
     layer.prepare_cpu_paths(ops)
     x = torch.randn(max(ROW_COUNTS), in_features)
     with torch.no_grad():
         full = layer(x)
-        torch.testing.assert_close(full, torch.nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-4,
-                                   atol=1e-4)
+        torch.testing.assert_close(full, torch.nn.functional.linear(x, weight, layer.bias), rtol=1e-4, atol=1e-4)
         for rows in ROW_COUNTS:
             assert torch.equal(layer(x[:rows]), full[:rows]), rows
             assert torch.equal(layer(x[-rows:]), full[-rows:]), rows
 
 
 @pytest.mark.skipif(ops is None, reason="no compiler for the fused kernels")
-@pytest.mark.parametrize("quantized", [False, True], ids=["float32", "q4_1"])
-def test_fused_linear_rows_do_not_depend_on_the_row_count(quantized):
-    if quantized and not ops.quant_linear_simd():
-        pytest.skip("the block kernel needs AVX-512")
-    raw, ref = _quantized(64, 128)
-    layer = Linear(128, 64, bias=True)
+@pytest.mark.parametrize("method", ["float32", "q4_1", "q6_k", "int8", "w8a8"])
+def test_fused_linear_rows_do_not_depend_on_the_row_count(method):
+    qtype = {"q4_1": "Q4_1", "q6_k": "Q6_K"}.get(method)
+    cols = 256 if qtype == "Q6_K" else 128
+    layer = Linear(cols, 64, bias=True)
     with torch.no_grad():
-        layer.weight.copy_(ref)
+        if qtype:
+            raw = random_blocks(qtype, 64, cols)
+            layer.weight.copy_(gguf_dequantized(qtype, raw, 64, cols))
+            layer.quant_blocks = decode_rows(qtype, raw, cols)
         layer.bias.normal_()
-    if quantized:
-        layer.quant_raw = ("Q4_1", raw)
-    layer.prepare_cpu_paths(ops)
-    assert (layer.quant is not None) == quantized
-    x = torch.randn(max(ROW_COUNTS), 128)
+    layer.prepare_cpu_paths(ops, True, method if method in ("int8", "w8a8") else None)
+    assert (layer.quant is not None) == (method != "float32")
+    x = torch.randn(max(ROW_COUNTS), cols)
     with torch.no_grad():
         full = layer(x)
         for rows in ROW_COUNTS:

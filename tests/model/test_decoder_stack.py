@@ -79,8 +79,9 @@ def test_fused_linear_takes_every_float32_path():
     layer = Linear(96, 64, bias=True)
     with torch.no_grad():
         layer.bias.normal_()
+    weight = layer.weight.detach().clone()
     layer.prepare_cpu_paths(ops)
     assert layer.fused_linear is not None and layer.quant is None
     for rows in (1, 3, 4, 9, 12, 40, 300):
         x = torch.randn(rows, 96)
-        assert torch.allclose(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5), rows
+        assert torch.allclose(layer(x), F.linear(x, weight, layer.bias), rtol=1e-5, atol=1e-5), rows

@@ -1,6 +1,6 @@
 """Linear layer whose multiply is one method object (pagedserve/model/quantization): plain float
-weights, or the checkpoint's GGUF blocks read by the fused CPU kernel. The layer itself only holds
-the weights and, until the model is prepared, the checkpoint's raw quantized rows."""
+weights, the checkpoint's GGUF blocks, int8, or int8 x int8. The layer holds the weights and, until
+the model is prepared, the checkpoint's quantized blocks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedserve.model.quantization import LinearMethod, UnquantizedLinearMethod, create_linear_method
+from pagedserve.model.quantization import (
+    BlockCodes,
+    LinearMethod,
+    UnquantizedLinearMethod,
+    create_linear_method,
+)
 
 __all__ = ["Linear", "quantized_matmul_enabled"]
 
@@ -22,20 +27,25 @@ def quantized_matmul_enabled() -> bool:
 
 
 class Linear(nn.Linear):
-    # The checkpoint's raw rows (format, uint8 [out_features, in_features / 32 * block bytes]) when it
-    # stored this matrix quantized; kept until prepare_cpu_paths decides whether the kernel uses them.
-    quant_raw: tuple[str, torch.Tensor] | None = None
+    # The checkpoint's blocks when it stored this matrix in a GGUF type the kernel reads; kept until
+    # prepare_cpu_paths decides whether the kernel uses them.
+    quant_blocks: BlockCodes | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.quant_method: LinearMethod = UnquantizedLinearMethod()
 
-    def prepare_cpu_paths(self, ops: ModuleType | None, use_quantized_matmul: bool | None = None) -> None:
-        """Choose the method once the weights are final (loaded, cast, moved)."""
-        raw, self.quant_raw = self.quant_raw, None
+    def prepare_cpu_paths(self, ops: ModuleType | None, use_quantized_matmul: bool | None = None,
+                          quantization: str | None = None, owns_weight: bool = True) -> None:
+        """Choose the method once the weights are final (loaded, cast, moved). When the method no
+        longer reads the float weight and no other module shares it, its memory is released."""
+        blocks, self.quant_blocks = self.quant_blocks, None
         if use_quantized_matmul is None:
             use_quantized_matmul = quantized_matmul_enabled()
-        self.quant_method = create_linear_method(self.weight, self.bias, raw, ops, use_quantized_matmul)
+        self.quant_method = create_linear_method(self.weight, self.bias, blocks, ops, use_quantized_matmul,
+                                                 quantization)
+        if owns_weight and not self.quant_method.keeps_float_weight:
+            self.weight = nn.Parameter(self.weight.new_empty(0), requires_grad=False)
 
     # What the method holds, for tests and tools that inspect a layer.
     @property

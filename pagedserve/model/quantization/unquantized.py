@@ -31,8 +31,9 @@ def row_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
 class UnquantizedLinearMethod:
     quant = None  # no quantized blocks
 
-    def __init__(self, fused: Any = None) -> None:
+    def __init__(self, fused: Any = None, packed: bool = False) -> None:
         self.fused = fused
+        self.keeps_float_weight = not packed  # float32 panels hold the same values in the kernel's order
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:

@@ -1,0 +1,56 @@
+"""quantization="int8" (W8A16): weights quantized at load to int8, one symmetric scale per output
+feature; activations and accumulation stay float32.
+
+The kernel (quant_linear.cpp, layout I8_ROW) expands the int8 codes in registers and multiplies the
+finished sums by the feature's scale, reading a quarter of float32's bytes. Without the kernel the
+layer keeps the dequantized weights (codes * scale) on the float path, so the model is the same
+int8 model either way.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float [N, K] -> (int8 codes [N, K], float32 scales [N]): scale = max|w| / 127 per row,
+    codes = round-to-nearest-even(w / scale); an all-zero row gets scale 0."""
+    w = weight.detach().float()
+    amax = w.abs().amax(dim=1)
+    scale = amax / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(w / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+class Int8LinearMethod:
+    keeps_float_weight = False
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, fused: Any, quant: tuple | None) -> None:
+        self.codes = None if fused is not None else codes  # the kernel holds its own packed copy
+        self.scale = scale
+        self.fused = fused
+        self.quant = quant
+
+    @classmethod
+    def create(cls, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType | None) -> Int8LinearMethod:
+        codes, scale = quantize_per_channel(weight)
+        n, k = codes.shape
+        if ops is None or n % 32 or k % 32:
+            return cls(codes, scale, None, None)
+        packed, scales, _ = ops.pack_panels(codes, scale, torch.empty(0), "I8_ROW")
+        quant = (packed, scales, torch.empty(0), "I8_ROW")
+        fused = ops.FusedLinear(torch.empty(0), None if bias is None else bias.detach(), quant)
+        return cls(codes, scale, fused, quant)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scale.unsqueeze(1)
+
+    def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(x)
+        return torch.nn.functional.linear(x, self.dequantized().to(x.dtype), layer.bias)
