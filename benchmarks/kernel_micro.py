@@ -5,14 +5,14 @@ as in the engine, every request at the same context length or (--spread) at leng
 from 10% to 190% of it, longest first, as in a continuous batch (its running requests are listed
 oldest first, and the oldest have the longest contexts); blocks scattered at random over the cache
 (as after a long-running server's churn) or in order (as a fresh engine hands them out).
-matmul: all 121 quantized matrices of the default model (quant_linear: 30 layers x 4, plus the output
-projection) at a given row count, best of 5 passes.
+matmul: all 121 matrices of a model (30 layers x 4, plus the output projection) at a given row count,
+best of 5 passes, with the checkpoint's own weights or --quantization int8 / w8a8.
 argmax: greedy argmax over a [batch, 49152] logits batch, the fused kernel against torch.argmax.
 prefill: the engine prefilling the 64 prompts of benchmarks/throughput.py (7,631 tokens, one output
 token each), three passes.
 
     .venv/bin/python benchmarks/kernel_micro.py attention --batch 64 --context 200 [--in-order] [--spread]
-    .venv/bin/python benchmarks/kernel_micro.py matmul --rows 1 16 64
+    .venv/bin/python benchmarks/kernel_micro.py matmul --rows 1 16 64 [--model HF_DIR --quantization w8a8]
     .venv/bin/python benchmarks/kernel_micro.py argmax --batch 64
     .venv/bin/python benchmarks/kernel_micro.py prefill
 """
@@ -62,21 +62,22 @@ def bench_attention(batch: int, context: int, in_order: bool, spread: bool) -> N
           f"{step * 1e3:.1f} ms per step of {LAYERS} layers, {read / step / 1e9:.1f} GB/s of K/V")
 
 
-def bench_matmul(rows: list[int]) -> None:
+def bench_matmul(rows: list[int], model: str, quantization: str | None) -> None:
     from pagedserve import LLM
     from pagedserve.model.layers.linear import Linear
 
-    llm = LLM("smollm2-135m", max_num_seqs=4)
-    layers = [m for m in llm.engine.model.modules() if isinstance(m, Linear) and m.quant is not None]
+    llm = LLM(model, max_num_seqs=4, quantization=quantization)
+    layers = [m for m in llm.engine.model.modules() if isinstance(m, Linear) and m.fused_linear is not None]
+    print(f"{model} quantization={quantization}: kernels {llm.engine.model.fused.simd_level()}")
     for n in rows:
-        inputs = [torch.randn(n, m.weight.shape[1]) for m in layers]  # weight, not in_features: the tied head
+        inputs = [torch.randn(n, m.in_features) for m in layers]
         best = float("inf")
         for _ in range(5):
             start = time.perf_counter()
             for m, x in zip(layers, inputs, strict=True):
                 m(x)
             best = min(best, time.perf_counter() - start)
-        print(f"matmul rows={n}: {best * 1e3:.1f} ms for all {len(layers)} quantized matrices")
+        print(f"matmul rows={n}: {best * 1e3:.2f} ms for all {len(layers)} matrices")
 
 
 def bench_argmax(batch: int) -> None:
@@ -116,6 +117,8 @@ def main() -> None:
     att.add_argument("--spread", action="store_true", help="context lengths spread around --context")
     mm = sub.add_parser("matmul")
     mm.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
+    mm.add_argument("--model", default="smollm2-135m")
+    mm.add_argument("--quantization", default=None, choices=["int8", "w8a8"])
     sub.add_parser("argmax").add_argument("--batch", type=int, default=64)
     sub.add_parser("prefill")
     args = ap.parse_args()
@@ -124,7 +127,7 @@ def main() -> None:
     if args.what == "attention":
         bench_attention(args.batch, args.context, args.in_order, args.spread)
     elif args.what == "matmul":
-        bench_matmul(args.rows)
+        bench_matmul(args.rows, args.model, args.quantization)
     elif args.what == "argmax":
         bench_argmax(args.batch)
     else:

@@ -18,9 +18,9 @@
 // Each row's sums run over k = 0..K-1 in one order with fused multiply-adds whatever the batch, so a
 // row's output never depends on how many rows the step carries; and on every SIMD level (simd.h).
 //
-// W8A8 (w8a8_linear): activations quantized per row (symmetric, 127 / max|x|), weights per output
-// feature, integer dot products (VNNI vpdpbusd where the CPU has it), exact int32 sums, then
-// float(sum) * x_scale * w_scale.
+// W8A8 (w8a8_linear): activations quantized per block of 32 inputs (symmetric, 127 / max|x|, as
+// llama.cpp's Q8_0 activations), weights per output feature, integer dot products (VNNI vpdpbusd
+// where the CPU has it) with exact int32 sums per block, scaled and summed in float32.
 #include "quant_linear.h"
 
 #include <ATen/Parallel.h>
@@ -256,95 +256,35 @@ LayoutInfo parse_layout(const std::string& name) {
 
 // --- W8A8 ---------------------------------------------------------------------------------------
 
-// Per row: scale = max|x| / 127, q = round-to-nearest-even(x * (127 / max|x|)); an all-zero row gets
-// scale 0 and codes 0. The reference (pagedserve/model/quantization/w8a8.py) does the same float ops.
-void quantize_row(const float* x, int64_t K, int8_t* q, float* scale) {
+constexpr int64_t kActBlock = 32;  // inputs per activation scale
+
+// Per block of 32 inputs: scale = max|x| / 127, q = round-to-nearest-even(x * (127 / max|x|)); an
+// all-zero block gets scale 0 and codes 0. The reference (pagedserve/model/quantization/w8a8.py) does
+// the same float ops. `flip` stores q ^ 0x80 (= q + 128 as an unsigned byte), the VNNI kernels' operand.
+void quantize_block(const float* x, int8_t* q, float* scale, bool flip) {
   float amax = 0.f;
-  int64_t k = 0;
 #if defined(__AVX512F__)
-  __m512 vmax = _mm512_setzero_ps();
-  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  amax = _mm512_reduce_max_ps(vmax);
+  const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
+  amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+#else
+  for (int64_t k = 0; k < kActBlock; ++k) amax = std::max(amax, std::fabs(x[k]));
 #endif
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   *scale = amax / 127.f;
-  k = 0;
 #if defined(__AVX512F__)
   const __m512 vinv = _mm512_set1_ps(inv);
-  for (; k + 16 <= K; k += 16)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv))));
-#endif
-  for (; k < K; ++k) q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
-}
-
-// Rows x one panel (32 features), the weights [K/4][32][4] int8: acc[r][n] = sum_k xq[r][k] * w[n][k],
-// exact in int32.
-template <int R>
-void w8a8_tile(const int8_t* xq, int64_t K, const int8_t* w, int32_t (*acc)[kPanel]) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  // vpdpbusd multiplies unsigned by signed bytes: x + 128 (x ^ 0x80) as the unsigned side; the
-  // 128 * sum(w) it adds is taken off by the caller's offsets.
-  __m512i a[R][2];
-  for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm512_setzero_si512();
-  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
-  for (int64_t kq = 0; kq < K / 4; ++kq) {
-    const __m512i w0 = _mm512_loadu_si512(w + kq * 128), w1 = _mm512_loadu_si512(w + kq * 128 + 64);
-    for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, xq + r * K + kq * 4, 4);
-      const __m512i xb = _mm512_xor_si512(_mm512_set1_epi32(four), flip);
-      a[r][0] = _mm512_dpbusd_epi32(a[r][0], xb, w0);
-      a[r][1] = _mm512_dpbusd_epi32(a[r][1], xb, w1);
-    }
+  const __m128i bits = _mm_set1_epi8(flip ? static_cast<char>(0x80) : 0);
+  for (int h = 0; h < 2; ++h) {
+    const __m128i c = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(h ? hi : lo, vinv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + h * 16), _mm_xor_si128(c, bits));
   }
-  for (int r = 0; r < R; ++r) {
-    _mm512_storeu_si512(acc[r], a[r][0]);
-    _mm512_storeu_si512(acc[r] + 16, a[r][1]);
-  }
-#elif defined(__AVX2__)
-  // 8 features per register, 4 registers per panel row.
-  __m256i a[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) a[r][v] = _mm256_setzero_si256();
-#if defined(__AVXVNNI__)
-  const __m256i flip = _mm256_set1_epi32(static_cast<int32_t>(0x80808080u));
 #else
-  const __m256i ones = _mm256_set1_epi16(1);
-#endif
-  for (int64_t kq = 0; kq < K / 4; ++kq) {
-    __m256i wv[4];
-    for (int v = 0; v < 4; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kq * 128 + v * 32));
-    for (int r = 0; r < R; ++r) {
-      int32_t four;
-      std::memcpy(&four, xq + r * K + kq * 4, 4);
-      const __m256i xb = _mm256_set1_epi32(four);
-#if defined(__AVXVNNI__)
-      const __m256i xu = _mm256_xor_si256(xb, flip);
-      for (int v = 0; v < 4; ++v) a[r][v] = _mm256_dpbusd_avx_epi32(a[r][v], xu, wv[v]);
-#else
-      // |x| as the unsigned side, w with x's sign: pairs of products stay within int16 (127 * 127 * 2).
-      const __m256i ax = _mm256_sign_epi8(xb, xb);
-      for (int v = 0; v < 4; ++v)
-        a[r][v] = _mm256_add_epi32(a[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[v], xb)), ones));
-#endif
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc[r] + v * 8), a[r][v]);
-#else
-  for (int r = 0; r < R; ++r)
-    for (int64_t n = 0; n < kPanel; ++n) acc[r][n] = 0;
-  for (int64_t kq = 0; kq < K / 4; ++kq)
-    for (int r = 0; r < R; ++r)
-      for (int64_t n = 0; n < kPanel; ++n)
-        for (int64_t i = 0; i < 4; ++i)
-          acc[r][n] += static_cast<int32_t>(xq[r * K + kq * 4 + i]) * w[kq * 128 + n * 4 + i];
+  for (int64_t k = 0; k < kActBlock; ++k)
+    q[k] = static_cast<int8_t>(static_cast<int>(std::nearbyint(x[k] * inv)) ^ (flip ? 0x80 : 0));
 #endif
 }
 
-// Whether the dot product above adds 128 * sum(w) (the VNNI paths' unsigned activations).
+// Whether the dot product below adds 128 * sum(w) (the VNNI paths' unsigned activations).
 constexpr bool kOffsetDot =
 #if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || defined(__AVXVNNI__)
     true;
@@ -352,17 +292,122 @@ constexpr bool kOffsetDot =
     false;
 #endif
 
+// R rows x one panel (32 features); weights [K/4][32][4] int8, x codes [R][K], their scales [R][nb],
+// offsets [nb][32] (128 * the block's weight sums, for the VNNI paths). Per block of 32 inputs the
+// exact int32 dot products, less the offset, as float32 times the row's block scale are added in
+// block order: acc = acc + float(sum_b) * sx_b (multiply, then add), out = acc (times w's scale later).
+template <int R>
+void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int8_t* w, const int32_t* off, float* out,
+               int64_t ldo) {
+  const int64_t nb = K / kActBlock;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i isum[R][2];
+    for (int r = 0; r < R; ++r) isum[r][0] = isum[r][1] = _mm512_setzero_si512();
+    for (int64_t kq = b * 8; kq < b * 8 + 8; ++kq) {
+      const __m512i w0 = _mm512_loadu_si512(w + kq * 128), w1 = _mm512_loadu_si512(w + kq * 128 + 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, xq + r * K + kq * 4, 4);
+        const __m512i xb = _mm512_set1_epi32(four);  // already x ^ 0x80: vpdpbusd's unsigned side
+        isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], xb, w0);
+        isum[r][1] = _mm512_dpbusd_epi32(isum[r][1], xb, w1);
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m512i o = _mm512_loadu_si512(off + b * kPanel + h * 16);
+      for (int r = 0; r < R; ++r) {
+        const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r][h], o));
+        acc[r][h] = _mm512_add_ps(acc[r][h], _mm512_mul_ps(f, _mm512_set1_ps(sx[r * nb + b])));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) _mm512_storeu_ps(out + r * ldo + h * 16, acc[r][h]);
+#elif defined(__AVX2__)
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
+#if !defined(__AVXVNNI__)
+  const __m256i ones = _mm256_set1_epi16(1);
+#endif
+  for (int64_t b = 0; b < nb; ++b) {
+    __m256i isum[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < 4; ++v) isum[r][v] = _mm256_setzero_si256();
+    for (int64_t kq = b * 8; kq < b * 8 + 8; ++kq) {
+      __m256i wv[4];
+      for (int v = 0; v < 4; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kq * 128 + v * 32));
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, xq + r * K + kq * 4, 4);
+        const __m256i xb = _mm256_set1_epi32(four);
+#if defined(__AVXVNNI__)
+        for (int v = 0; v < 4; ++v) isum[r][v] = _mm256_dpbusd_avx_epi32(isum[r][v], xb, wv[v]);  // x ^ 0x80
+#else
+        // |x| as the unsigned side, w with x's sign: pairs of products stay within int16 (127 * 127 * 2).
+        const __m256i ax = _mm256_sign_epi8(xb, xb);
+        for (int v = 0; v < 4; ++v)
+          isum[r][v] = _mm256_add_epi32(isum[r][v],
+                                        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[v], xb)), ones));
+#endif
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + b * kPanel + v * 8));
+      for (int r = 0; r < R; ++r) {
+        const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][v], o));
+        acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_mul_ps(f, _mm256_set1_ps(sx[r * nb + b])));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 4; ++v) _mm256_storeu_ps(out + r * ldo + v * 8, acc[r][v]);
+#else
+  for (int r = 0; r < R; ++r) {
+    float acc[kPanel] = {};
+    for (int64_t b = 0; b < nb; ++b)
+      for (int64_t n = 0; n < kPanel; ++n) {
+        int32_t isum = 0;
+        for (int64_t k = b * kActBlock; k < (b + 1) * kActBlock; ++k)
+          isum += static_cast<int32_t>(xq[r * K + k]) * w[(k / 4) * 128 + n * 4 + k % 4];
+        acc[n] = acc[n] + static_cast<float>(isum - off[b * kPanel + n]) * sx[r * nb + b];
+      }
+    std::memcpy(out + r * ldo, acc, sizeof(acc));
+  }
+#endif
+}
+
 constexpr int64_t kW8A8Rows =
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    8;
+    6;  // 12 int32 and 12 float32 accumulators
 #else
-    2;
+    1;
 #endif
 
 template <int... Rs>
-constexpr std::array<void (*)(const int8_t*, int64_t, const int8_t*, int32_t (*)[kPanel]), sizeof...(Rs)>
+constexpr std::array<void (*)(const int8_t*, int64_t, const float*, const int8_t*, const int32_t*, float*, int64_t),
+                     sizeof...(Rs)>
 w8a8_table(std::integer_sequence<int, Rs...>) {
   return {&w8a8_tile<Rs + 1>...};
+}
+
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool flip) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
+  x = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), nb = K / kActBlock;
+  TORCH_CHECK(K % kActBlock == 0, "int8 activations come in blocks of 32 inputs, got ", K);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M, nb}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = s.data_ptr<float>();
+  at::parallel_for(0, M * nb, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) quantize_block(xp + i * kActBlock, qp + i * kActBlock, sp + i, flip);
+  });
+  return {q, s};
 }
 
 }  // namespace
@@ -442,38 +487,26 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d
 
 std::vector<torch::Tensor> w8a8_pack(torch::Tensor q, torch::Tensor scale) {
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2, "W8A8 weights must be int8 [N, K]");
-  const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(N % kPanel == 0 && K % 4 == 0, "W8A8 needs out_features divisible by 32 and in_features by 4, got ",
-              N, " x ", K);
+  const int64_t N = q.size(0), K = q.size(1), P = N / kPanel, nb = K / kActBlock;
+  TORCH_CHECK(N % kPanel == 0 && K % kActBlock == 0,
+              "W8A8 needs out_features and in_features divisible by 32, got ", N, " x ", K);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == N, "W8A8 needs float32 [N] scales");
-  auto packed = q.contiguous().view({N / kPanel, kPanel, K / 4, 4}).permute({0, 2, 1, 3}).contiguous();
-  auto offsets = kOffsetDot ? q.to(torch::kInt32).sum(1).mul_(128).to(torch::kInt32) : torch::zeros({N}, torch::kInt32);
+  auto packed = q.contiguous().view({P, kPanel, K / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  auto sums = q.to(torch::kInt32).view({P, kPanel, nb, kActBlock}).sum(3).permute({0, 2, 1}).contiguous();
+  auto offsets = kOffsetDot ? sums.mul_(128).to(torch::kInt32) : torch::zeros_like(sums);
   return {packed, scale.contiguous().view({N}), offsets};
 }
 
-std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) {
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
-  x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1);
-  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
-  auto s = torch::empty({M}, x.options());
-  const float* xp = x.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  float* sp = s.data_ptr<float>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) quantize_row(xp + r * K, K, qp + r * K, sp + r);
-  });
-  return {q, s};
-}
+std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) { return quantize_rows(x, false); }
 
 torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor offsets) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
-  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0), N = P * kPanel;
+  const int64_t M = x.size(0), K = x.size(1), P = packed.size(0), N = P * kPanel, nb = K / kActBlock;
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == K, "x has ", K, " inputs, the W8A8 weights ",
               packed.size(1) * 4);
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  auto quantized = quantize_rows_int8(x);
+  auto quantized = quantize_rows(x, kOffsetDot);
   const int8_t* xq = quantized[0].data_ptr<int8_t>();
   const float* sx = quantized[1].data_ptr<float>();
   const int8_t* wp = packed.data_ptr<int8_t>();
@@ -482,16 +515,13 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   float* op = out.data_ptr<float>();
   static constexpr auto table = w8a8_table(std::make_integer_sequence<int, kW8A8Rows>{});
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
-    int32_t acc[kW8A8Rows][kPanel];
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t r0 = 0; r0 < M; r0 += kW8A8Rows) {
         const int64_t rows = std::min(kW8A8Rows, M - r0);
-        table[rows - 1](xq + r0 * K, K, wp + p * K * kPanel, acc);
-        for (int64_t r = 0; r < rows; ++r) {
-          float* o = op + (r0 + r) * N + p * kPanel;
-          for (int64_t n = 0; n < kPanel; ++n)
-            o[n] = static_cast<float>(acc[r][n] - off[p * kPanel + n]) * sx[r0 + r] * sw[p * kPanel + n];
-        }
+        float* o = op + r0 * N + p * kPanel;
+        table[rows - 1](xq + r0 * K, K, sx + r0 * nb, wp + p * K * kPanel, off + p * nb * kPanel, o, N);
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t n = 0; n < kPanel; ++n) o[r * N + n] *= sw[p * kPanel + n];
       }
     }
   });

@@ -19,6 +19,8 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _write_gguf(path, state: dict[str, torch.Tensor], heads: int, kv_heads: int, qtype) -> None:
+    """A llama GGUF of the HF state; `qtype`: every matrix's type, or a function of the GGUF tensor name.
+    K-quant matrices get random valid blocks (gguf-py cannot quantize to them)."""
     layer_names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
@@ -50,8 +52,13 @@ def _write_gguf(path, state: dict[str, torch.Tensor], heads: int, kv_heads: int,
                 a = _permute(a, heads)
             elif module == "self_attn.k_proj":
                 a = _permute(a, kv_heads)
-        kind = qtype if a.ndim == 2 else QT.F32
-        data = a if kind == QT.F32 else gguf.quants.quantize(a, kind)
+        kind = (qtype(gname) if callable(qtype) else qtype) if a.ndim == 2 else QT.F32
+        if kind.name.endswith("_K") or kind.name == "Q8_1":  # no quantizer for these in gguf-py
+            from tests.model.test_quant_linear import random_blocks
+
+            data = random_blocks(kind.name, *a.shape, seed=len(gname))
+        else:
+            data = a if kind == QT.F32 else gguf.quants.quantize(a, kind)
         w.add_tensor(gname, data, raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()

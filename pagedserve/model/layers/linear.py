@@ -40,6 +40,7 @@ class Linear(nn.Linear):
         """Choose the method once the weights are final (loaded, cast, moved). When the method no
         longer reads the float weight and no other module shares it, its memory is released."""
         blocks, self.quant_blocks = self.quant_blocks, None
+        self.out_features, self.in_features = self.weight.shape  # a tied head's are the embedding's
         if use_quantized_matmul is None:
             use_quantized_matmul = quantized_matmul_enabled()
         self.quant_method = create_linear_method(self.weight, self.bias, blocks, ops, use_quantized_matmul,

@@ -1,5 +1,7 @@
 """quantization="w8a8": int8 weights (one symmetric scale per output feature, as "int8") times int8
-activations (one symmetric scale per row, computed on the fly), in integer arithmetic.
+activations (one symmetric scale per block of 32 inputs, computed on the fly, as llama.cpp's Q8_0
+activations), in integer arithmetic. A scale per token, the coarser choice, cost SmolLM2 several
+percent of perplexity: a few large activations set every block's step (docs/quantization.md).
 
 This is how llama.cpp gets its CPU speed: a VNNI instruction multiplies and adds 64 byte pairs where
 a float32 FMA does 16. The integer sums are exact, so the kernel and `w8a8_reference` (the PyTorch
@@ -18,20 +20,35 @@ from torch import nn
 from pagedserve.model.quantization.int8 import quantize_per_channel
 
 
+ACT_BLOCK = 32  # inputs per activation scale
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 [M, K] -> (int8 codes [M, K], float32 scales [M]) with the kernel's float operations:
-    codes = round-to-nearest-even(x * (127 / max|x|)), scale = max|x| / 127."""
-    amax = x.abs().amax(dim=1)
-    inv = torch.where(amax > 0, 127.0 / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.zeros_like(amax))
-    return torch.round(x * inv.unsqueeze(1)).to(torch.int8), amax / 127.0
+    """float32 [M, K] -> (int8 codes [M, K], float32 scales [M, K / 32]) with the kernel's float
+    operations, per block of 32 inputs: codes = round-to-nearest-even(x * (127 / max|x|)),
+    scale = max|x| / 127."""
+    m, k = x.shape
+    blocks = x.reshape(m, k // ACT_BLOCK, ACT_BLOCK)
+    amax = blocks.abs().amax(dim=2)
+    # a true division (`127.0 / t` is 127 * (1 / t) in torch: another rounding, another code at ties)
+    inv = torch.full_like(amax, 127.0).div(torch.where(amax > 0, amax, torch.ones_like(amax)))
+    inv = torch.where(amax > 0, inv, torch.zeros_like(amax))
+    return torch.round(blocks * inv.unsqueeze(2)).to(torch.int8).reshape(m, k), amax / 127.0
 
 
 def w8a8_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The W8A8 product in PyTorch: exact integer sums (float64 holds them exactly), then
-    float32(sum) * row scale * feature scale, in that order."""
+    """The W8A8 product in PyTorch, the kernel's arithmetic: per block of 32 inputs the exact integer
+    dot products (float64 holds them exactly), as float32 times the row's block scale, added block by
+    block (multiply, then add), then times the feature's scale."""
     xq, sx = quantize_rows(x.float())
-    sums = (xq.double() @ codes.double().t()).float()
-    return sums * sx.unsqueeze(1) * scale.unsqueeze(0)
+    m, k = xq.shape
+    nb = k // ACT_BLOCK
+    sums = torch.einsum("mbk,nbk->bmn", xq.double().view(m, nb, ACT_BLOCK),
+                        codes.double().view(-1, nb, ACT_BLOCK)).float()
+    acc = torch.zeros(m, codes.shape[0])
+    for b in range(nb):
+        acc = acc + sums[b] * sx[:, b:b + 1]
+    return acc * scale.unsqueeze(0)
 
 
 class W8A8LinearMethod:
@@ -47,7 +64,7 @@ class W8A8LinearMethod:
     def create(cls, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType | None) -> W8A8LinearMethod:
         codes, scale = quantize_per_channel(weight)
         n, k = codes.shape
-        if ops is None or n % 32 or k % 4:
+        if ops is None or n % 32 or k % ACT_BLOCK:
             return cls(codes, scale, None, None)
         packed, scales, offsets = ops.w8a8_pack(codes, scale)
         quant = (packed, scales, offsets, "W8A8")

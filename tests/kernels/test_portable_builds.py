@@ -1,0 +1,40 @@
+"""The kernels built for CPUs other than this one: an AVX2-only x86-64 (haswell) and the baseline
+x86-64 (plain C++ paths). Each build runs in a subprocess and must give the native build's results
+bit for bit (every SIMD level does the same per-lane operations in the same order) and the PyTorch
+results within float tolerance (checked inside the subprocess), so CI on an AVX-512 machine still
+proves the AVX2 and fallback code. Each build compiles the extension once (about a minute)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedserve.kernels import cpu_ops
+from tests.kernels import kernel_outputs
+
+ops = cpu_ops()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or ops is None, reason="x86-64 targets, built with the native compiler")
+@pytest.mark.parametrize(("arch", "levels"), [("haswell", {"avx2/avx2"}), ("x86-64", {"generic/generic"})])
+def test_build_for_another_cpu_gives_the_native_results(arch, levels, tmp_path, tiny_llama_dir):
+    out = tmp_path / "outputs.pt"
+    env = {**os.environ, "PAGEDSERVE_CPU_ARCH": arch, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.kernel_outputs", str(out), str(tiny_llama_dir)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    theirs = torch.load(out)
+    assert theirs.pop("levels") in levels
+    ours = kernel_outputs.compute(ops)
+    ours["tokens"] = kernel_outputs.greedy_tokens(str(tiny_llama_dir))
+    assert set(theirs) == set(ours)
+    for key, value in ours.items():
+        assert torch.equal(theirs[key], value), key
