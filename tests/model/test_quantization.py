@@ -139,7 +139,7 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     same = total = 0
     for x, y in zip(a, b, strict=True):
         total += len(x)
-        same += next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        same += next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
     return same / total
 
 

@@ -19,7 +19,6 @@ from torch import nn
 
 from pagedserve.model.quantization.int8 import quantize_per_channel
 
-
 ACT_BLOCK = 32  # inputs per activation scale
 
 
