@@ -162,6 +162,12 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.attention = self.attention_backend
         self.stack = self._decoder_stack() if self.fused is not None and decoder_stack else None
 
+    def weight_bytes(self) -> int:
+        """Memory of the weights as the engine holds them: parameters (each shared tensor once) plus
+        what the linear layers' methods keep (packed blocks, int8 codes, float32 panels)."""
+        params = {id(p): p.numel() * p.element_size() for p in self.parameters()}
+        return sum(params.values()) + sum(linear.quant_method.nbytes for linear in self._linears())
+
     def _linears(self) -> list[Linear]:
         out = [self.output_projection]
         for layer in self.layers:

@@ -7,7 +7,8 @@
 
 Every method has `apply(layer, x)`, `fused` (the compiled kernels' FusedLinear when they are built:
 the C++ decoder stack calls it directly), `quant` (its packed tensors, or None) and
-`keeps_float_weight` (whether the layer's float32 weight is still read).
+`keeps_float_weight` (whether the layer's float32 weight is still read) and `nbytes` (the weight
+bytes it holds beyond the layer's parameters).
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import torch
 from pagedserve.config import QUANTIZATION_METHODS
 from pagedserve.model.quantization.gguf_blocks import FAST_TYPES, BlockCodes, GGUFBlockLinearMethod
 from pagedserve.model.quantization.int8 import Int8LinearMethod
-from pagedserve.model.quantization.unquantized import UnquantizedLinearMethod, row_invariant_linear
+from pagedserve.model.quantization.unquantized import (
+    UnquantizedLinearMethod,
+    row_invariant_linear,
+    tensor_bytes,
+)
 from pagedserve.model.quantization.w8a8 import W8A8LinearMethod
 
 LinearMethod = UnquantizedLinearMethod | GGUFBlockLinearMethod | Int8LinearMethod | W8A8LinearMethod
@@ -45,9 +50,9 @@ def create_linear_method(weight: torch.Tensor, bias: torch.Tensor | None, blocks
             packed = (ops.f32_pack(weight.detach()), torch.empty(0), torch.empty(0), "F32")
         fused = ops.FusedLinear(weight.detach() if packed is None else torch.empty(0),
                                 None if bias is None else bias.detach(), packed)
-    return UnquantizedLinearMethod(fused, packed is not None)
+    return UnquantizedLinearMethod(fused, None if packed is None else packed[0])
 
 
 __all__ = ["FAST_TYPES", "QUANTIZATION_METHODS", "BlockCodes", "GGUFBlockLinearMethod", "Int8LinearMethod",
            "LinearMethod", "UnquantizedLinearMethod", "W8A8LinearMethod", "create_linear_method",
-           "row_invariant_linear"]
+           "row_invariant_linear", "tensor_bytes"]

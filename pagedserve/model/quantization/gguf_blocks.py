@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from pagedserve.model.quantization.unquantized import tensor_bytes
+
 QK_K = 256
 FAST_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
@@ -155,6 +157,10 @@ class GGUFBlockLinearMethod:
         quant = (codes, scale, minimum, blocks.layout)
         fused = ops.FusedLinear(torch.empty(0), None if bias is None else bias.detach(), quant)
         return cls(quant, fused, blocks.source)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(*self.quant[:3])
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedserve.model.quantization.unquantized import tensor_bytes
+
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float [N, K] -> (int8 codes [N, K], float32 scales [N]): scale = max|w| / 127 per row,
@@ -49,6 +51,10 @@ class Int8LinearMethod:
 
     def dequantized(self) -> torch.Tensor:
         return self.codes.float() * self.scale.unsqueeze(1)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.codes, self.scale, *(self.quant or ())[:3])
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:

@@ -28,12 +28,23 @@ def row_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     return F.linear(padded, weight, bias)[:rows]
 
 
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors (None and empty ones count nothing)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class UnquantizedLinearMethod:
     quant = None  # no quantized blocks
 
-    def __init__(self, fused: Any = None, packed: bool = False) -> None:
+    def __init__(self, fused: Any = None, panels: torch.Tensor | None = None) -> None:
         self.fused = fused
-        self.keeps_float_weight = not packed  # float32 panels hold the same values in the kernel's order
+        self.panels = panels  # the float32 weights in the kernel's panels, when it reads them
+        self.keeps_float_weight = panels is None  # panels hold the same values in the kernel's order
+
+    @property
+    def nbytes(self) -> int:
+        """Weight bytes this method holds beyond the layer's own parameters."""
+        return tensor_bytes(self.panels)
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:

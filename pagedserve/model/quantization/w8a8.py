@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pagedserve.model.quantization.int8 import quantize_per_channel
+from pagedserve.model.quantization.unquantized import tensor_bytes
 
 ACT_BLOCK = 32  # inputs per activation scale
 
@@ -69,6 +70,10 @@ class W8A8LinearMethod:
         quant = (packed, scales, offsets, "W8A8")
         fused = ops.FusedLinear(torch.empty(0), None if bias is None else bias.detach(), quant)
         return cls(codes, scale, fused, quant)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_bytes(self.codes, self.scale, *(self.quant or ())[:3])
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
