@@ -17,12 +17,28 @@ CHARS_PER_TOKEN = 4  # the estimate without a tokenizer (English prose with some
 _LICENSES = Path("/usr/share/common-licenses")
 
 
-def _pydoc_lines() -> list[str]:
+def pydoc_topics_text() -> str:
+    """CPython's reference documentation as prose: the values of `pydoc_data.topics.topics` in key
+    order, separated by blank lines (not the module's Python source, whose string escapes are not
+    text). Empty when the stdlib ships without it."""
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions ship the stdlib without it
-        return []
-    return [line for key in sorted(topics) for line in topics[key].splitlines()]
+        return ""
+    return "\n\n".join(topics[key].strip("\n") for key in sorted(topics))
+
+
+def licenses_text() -> str:
+    """Debian's /usr/share/common-licenses texts in name order, separated by blank lines; each license
+    once (links such as GPL -> GPL-3 skipped). Empty where the folder does not exist."""
+    if not _LICENSES.is_dir():
+        return ""
+    files = [p for p in sorted(_LICENSES.iterdir()) if p.is_file() and not p.is_symlink()]
+    return "\n\n".join(p.read_text(errors="replace").strip("\n") for p in files)
+
+
+def _pydoc_lines() -> list[str]:
+    return pydoc_topics_text().splitlines()
 
 
 def _license_lines() -> list[str]:

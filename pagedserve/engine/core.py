@@ -130,6 +130,24 @@ class EngineCore:
                 kv=self.kv.stats(), num_waiting=len(self.scheduler.waiting), num_preempted=len(sched.preempted)))
         return outputs
 
+    def prompt_log_softmax(self, token_ids: list[int], first_target: int = 1) -> torch.Tensor:
+        """ModelRunner.prompt_log_softmax on blocks of this core's pool, freed before it returns, in
+        chunks of the scheduler's token budget (one pass without chunked prefill). For scoring text
+        (`pagedserve perplexity`): it runs beside the scheduler, between steps, never during one."""
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"{len(token_ids)} tokens exceed max_model_len ({self.max_model_len})")
+        need = self.kv.blocks_needed(len(token_ids) - 1)  # the last token is never fed
+        if need > self.kv.pool.num_free:
+            raise ValueError(f"scoring {len(token_ids)} tokens needs {need} KV blocks, {self.kv.pool.num_free} "
+                             "free (raise kv_cache_memory_gb or num_blocks)")
+        sc = self.config.scheduler
+        chunk = sc.max_num_batched_tokens if sc.enable_chunked_prefill else None
+        blocks = self.kv.pool.allocate(need)
+        try:
+            return self.runner.prompt_log_softmax(token_ids, blocks, first_target, chunk)
+        finally:
+            self.kv.pool.free(blocks[::-1])
+
     def kv_stats(self) -> KVCacheStats:
         return self.kv.stats()
 

@@ -1,4 +1,4 @@
-"""`pagedserve` command line: generate | chat (serve and bench register themselves here too)."""
+"""`pagedserve` command line: generate | chat (serve, perplexity and bench register themselves here too)."""
 
 from __future__ import annotations
 
@@ -157,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Subcommands living in their own modules add themselves through `register`: serve, and bench when
-    its extra (`pip install pagedserve[bench]`: plots) is installed."""
+    """Subcommands living in their own modules add themselves through `register`: serve, perplexity,
+    and bench when its extra (`pip install pagedserve[bench]`: plots) is installed."""
     from pagedserve.entrypoints.openai.cli import register as register_serve
+    from pagedserve.entrypoints.perplexity import register as register_perplexity
 
-    registers = [register_serve]
+    registers = [register_serve, register_perplexity]
     if importlib.util.find_spec("matplotlib") is not None:
         from pagedserve.bench.cli import register as register_bench
 

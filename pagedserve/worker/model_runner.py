@@ -26,6 +26,7 @@ from pagedserve.model.config import ModelConfig
 from pagedserve.sample.rejection_sampler import accept_prefix
 from pagedserve.sample.sampler import Sampler, SamplerOutput
 from pagedserve.spec_decode.speculator import Speculator
+from pagedserve.worker.flat_batch import TokenRun, build_flat_batch
 from pagedserve.worker.runner_output import ModelRunnerOutput
 
 PROMPT_LOGPROB_ROWS = 256
@@ -179,4 +180,37 @@ class ModelRunner:
             else:
                 tops = [[] for _ in chosen]
             out.extend(zip(chosen, tops, strict=True))
+        return out
+
+    @torch.inference_mode()
+    def prompt_log_softmax(self, token_ids: list[int], block_ids: list[int], first_target: int = 1,
+                           chunk_tokens: int | None = None) -> torch.Tensor:
+        """The model's full next-token log-softmax (float32, [len(token_ids) - first_target, vocab]) at
+        the positions that predict tokens first_target.. of one sequence: row j is the distribution of
+        token first_target + j given the tokens before it. For quality metrics (perplexity, KL), which
+        need whole distributions where prompt logprobs keep a top-k.
+
+        Outside the scheduler: the caller owns `block_ids` (enough for len(token_ids) - 1 slots). The
+        tokens go through the model in chunks of at most `chunk_tokens`, each reading the earlier
+        chunks' K/V back from the paged cache, as chunked prefill does. The last token is never fed:
+        nothing is predicted from it.
+        """
+        if not 1 <= first_target < len(token_ids):
+            raise ValueError(f"first_target must be in [1, {len(token_ids) - 1}], got {first_target}")
+        fed = len(token_ids) - 1
+        chunk = chunk_tokens or fed
+        out: torch.Tensor | None = None
+        for lo in range(0, fed, chunk):
+            hi = min(fed, lo + chunk)
+            batch = build_flat_batch(self.backend, self.block_size, self.device,
+                                     [TokenRun(token_ids[lo:hi], lo, block_ids)])
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+            # Position p predicts token p + 1: keep positions first_target - 1 .. fed - 1.
+            for p in range(max(first_target - 1, lo), hi, PROMPT_LOGPROB_ROWS):  # bounded logits memory
+                q = min(hi, p + PROMPT_LOGPROB_ROWS)
+                logp = self.model.compute_logits(hidden[p - lo:q - lo]).float().log_softmax(dim=-1)
+                if out is None:
+                    out = torch.empty((fed - first_target + 1, logp.shape[1]), device=logp.device)
+                out[p - first_target + 1:q - first_target + 1] = logp
+        assert out is not None
         return out
