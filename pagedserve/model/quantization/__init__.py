@@ -43,9 +43,8 @@ def create_linear_method(weight: torch.Tensor, bias: torch.Tensor | None, blocks
         return W8A8LinearMethod.create(weight, bias, ops)
     if plain_cpu and blocks is not None and ops is not None and use_quantized_matmul and out_features % 32 == 0:
         return GGUFBlockLinearMethod.create(bias, blocks, ops)
-    fused = None
+    fused = packed = None
     if plain_cpu and ops is not None:
-        packed = None
         if ops.simd_level() != "generic" and out_features % 32 == 0:  # one summation order at every M
             packed = (ops.f32_pack(weight.detach()), torch.empty(0), torch.empty(0), "F32")
         fused = ops.FusedLinear(weight.detach() if packed is None else torch.empty(0),
