@@ -20,7 +20,8 @@ from pagedserve.model.config import ModelConfig
 from pagedserve.model.layers.linear import Linear
 from pagedserve.model.layers.rmsnorm import RMSNorm
 from pagedserve.model.layers.rotary import RopeInputs, RotaryEmbedding
-from pagedserve.model.quantization.gguf_blocks import BlockCodes, concat_blocks
+from pagedserve.model.quantization import GGUFBlockLinearMethod, tensor_bytes
+from pagedserve.model.quantization.gguf_blocks import BlockCodes, BlockEmbedding, concat_blocks
 
 
 class LlamaAttention(nn.Module):
@@ -152,9 +153,14 @@ class LlamaForCausalLM(nn.Module):
         weight = self.embed_tokens.weight
         on_cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
         self.fused = cpu_ops() if on_cpu_fp32 and cpu_kernels else None
-        for linear in self._linears():  # a tied output projection shares the embedding: never released
+        tied_blocks = self.output_projection.quant_blocks if self.lm_head is None else None
+        for linear in self._linears():  # a tied output projection shares the embedding: released below
             linear.prepare_cpu_paths(self.fused, quantized_matmul, quantization,
                                      owns_weight=linear is not self.output_projection or self.lm_head is not None)
+        if tied_blocks is not None and isinstance(self.output_projection.quant_method, GGUFBlockLinearMethod):
+            # lookups from the embedding's own blocks: the same float32 rows, a fraction of the memory
+            self.embed_tokens = BlockEmbedding(tied_blocks)
+            self.output_projection.weight = nn.Parameter(weight.new_empty(0), requires_grad=False)
         self.attention_backend = select_attention_backend(weight.device, weight.dtype, self.fused)
         self.norm.fused = self.fused
         for layer in self.layers:
@@ -166,7 +172,8 @@ class LlamaForCausalLM(nn.Module):
         """Memory of the weights as the engine holds them: parameters (each shared tensor once) plus
         what the linear layers' methods keep (packed blocks, int8 codes, float32 panels)."""
         params = {id(p): p.numel() * p.element_size() for p in self.parameters()}
-        return sum(params.values()) + sum(linear.quant_method.nbytes for linear in self._linears())
+        lookups = tensor_bytes(*self.embed_tokens.buffers())
+        return sum(params.values()) + lookups + sum(linear.quant_method.nbytes for linear in self._linears())
 
     def _linears(self) -> list[Linear]:
         out = [self.output_projection]

@@ -108,7 +108,7 @@ class LayerSkipProposer:
         if not reuse:
             return None
         model, T = self.model, len(ids)
-        x = torch.empty((T, model.config.hidden_size), dtype=model.embed_tokens.weight.dtype, device=self.device)
+        x = torch.empty((T, model.config.hidden_size), dtype=model.norm.weight.dtype, device=self.device)
         residual = torch.empty_like(x)
         if fresh:
             batch = build_flat_batch(model.attention_backend, self.block_size, self.device, [r for _, r in fresh])

@@ -142,6 +142,24 @@ def concat_blocks(parts: Sequence[BlockCodes]) -> BlockCodes | None:
                       None if first.mins is None else torch.cat([p.mins for p in parts]))
 
 
+class BlockEmbedding(nn.Module):
+    """Token lookups from an embedding's GGUF blocks (a tied output projection's): each looked-up row
+    is dequantized with gguf's operations, so the rows equal the full float32 table's."""
+
+    def __init__(self, blocks: BlockCodes) -> None:
+        super().__init__()
+        self.source, self.layout = blocks.source, blocks.layout
+        self.register_buffer("codes", blocks.codes, persistent=False)
+        self.register_buffer("scales", blocks.scales, persistent=False)
+        self.register_buffer("mins", blocks.mins, persistent=False)
+        self.embedding_dim = blocks.codes.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = BlockCodes(self.source, self.layout, self.codes[ids], self.scales[ids],
+                          None if self.mins is None else self.mins[ids])
+        return rows.dequantize()
+
+
 class GGUFBlockLinearMethod:
     keeps_float_weight = False
 
