@@ -52,7 +52,7 @@ class FusedLinear {
 
   at::Tensor forward(const at::Tensor& x) const {
     if (x.dim() == 2 && codes_.defined()) {
-      at::Tensor out = w8a8_ ? w8a8_linear(x, codes_, d_, m_) : quant_linear(x, codes_, d_, m_, format_);
+      at::Tensor out = w8a8_ ? w8a8_linear(x, codes_, d_) : quant_linear(x, codes_, d_, m_, format_);
       return bias_ ? out.add_(*bias_) : out;
     }
     return row_invariant_linear(x, weight_, bias_);
@@ -63,7 +63,7 @@ class FusedLinear {
   std::optional<at::Tensor> bias_;
   at::Tensor codes_, d_, m_;
   std::string format_;
-  bool w8a8_ = false;  // codes_ = w8a8_pack's weights, d_ its scales, m_ its offsets
+  bool w8a8_ = false;  // codes_ = w8a8_pack's weights, d_ their scales
 };
 
 struct FusedLayer {

@@ -31,6 +31,10 @@
 
 #include "simd.h"
 
+#ifndef PAGEDSERVE_W8A8_PREFETCH
+#define PAGEDSERVE_W8A8_PREFETCH 2048
+#endif
+
 namespace {
 
 using simd::kLanes;
@@ -257,11 +261,22 @@ LayoutInfo parse_layout(const std::string& name) {
 // --- W8A8 ---------------------------------------------------------------------------------------
 
 constexpr int64_t kActBlock = 32;  // inputs per activation scale
+constexpr int64_t kW8A8PrefetchBytes = PAGEDSERVE_W8A8_PREFETCH;
+
+// Whether the weights are stored as w + 128 (w ^ 0x80): vpdpbusd multiplies unsigned by signed
+// bytes, and the weights take the unsigned side; the 128 * sum(x) that adds is taken off per row and
+// block (a scalar), so no per-feature correction has to be read beside the weights.
+constexpr bool kBiasedWeights =
+#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || defined(__AVXVNNI__)
+    true;
+#else
+    false;
+#endif
 
 // Per block of 32 inputs: scale = max|x| / 127, q = round-to-nearest-even(x * (127 / max|x|)); an
 // all-zero block gets scale 0 and codes 0. The reference (pagedserve/model/quantization/w8a8.py) does
-// the same float ops. `flip` stores q ^ 0x80 (= q + 128 as an unsigned byte), the VNNI kernels' operand.
-void quantize_block(const float* x, int8_t* q, float* scale, bool flip) {
+// the same float ops. Also the block's 128 * sum(q), the correction for biased weights.
+void quantize_block(const float* x, int8_t* q, float* scale, int32_t* correction) {
   float amax = 0.f;
 #if defined(__AVX512F__)
   const __m512 lo = _mm512_loadu_ps(x), hi = _mm512_loadu_ps(x + 16);
@@ -271,33 +286,29 @@ void quantize_block(const float* x, int8_t* q, float* scale, bool flip) {
 #endif
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
   *scale = amax / 127.f;
+  int32_t sum = 0;
 #if defined(__AVX512F__)
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m128i bits = _mm_set1_epi8(flip ? static_cast<char>(0x80) : 0);
   for (int h = 0; h < 2; ++h) {
-    const __m128i c = _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(h ? hi : lo, vinv)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + h * 16), _mm_xor_si128(c, bits));
+    const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(h ? hi : lo, vinv));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + h * 16), _mm512_cvtsepi32_epi8(c));
+    sum += _mm512_reduce_add_epi32(c);
   }
 #else
-  for (int64_t k = 0; k < kActBlock; ++k)
-    q[k] = static_cast<int8_t>(static_cast<int>(std::nearbyint(x[k] * inv)) ^ (flip ? 0x80 : 0));
+  for (int64_t k = 0; k < kActBlock; ++k) {
+    q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+    sum += q[k];
+  }
 #endif
+  *correction = kBiasedWeights ? 128 * sum : 0;
 }
 
-// Whether the dot product below adds 128 * sum(w) (the VNNI paths' unsigned activations).
-constexpr bool kOffsetDot =
-#if (defined(__AVX512VNNI__) && defined(__AVX512BW__)) || defined(__AVXVNNI__)
-    true;
-#else
-    false;
-#endif
-
-// R rows x one panel (32 features); weights [K/4][32][4] int8, x codes [R][K], their scales [R][nb],
-// offsets [nb][32] (128 * the block's weight sums, for the VNNI paths). Per block of 32 inputs the
-// exact int32 dot products, less the offset, as float32 times the row's block scale are added in
-// block order: acc = acc + float(sum_b) * sx_b (multiply, then add), out = acc (times w's scale later).
+// R rows x one panel (32 features); weights [K/4][32][4] bytes, x codes [R][K], their scales and
+// corrections [R][nb]. Per block of 32 inputs the exact int32 dot products (less the correction)
+// as float32 times the row's block scale are added in block order: acc = acc + float(sum_b) * sx_b
+// (multiply, then add); out = acc (the caller multiplies by the weights' scales).
 template <int R>
-void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int8_t* w, const int32_t* off, float* out,
+void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int32_t* corr, const int8_t* w, float* out,
                int64_t ldo) {
   const int64_t nb = K / kActBlock;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -307,21 +318,22 @@ void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int8_t* w, co
     __m512i isum[R][2];
     for (int r = 0; r < R; ++r) isum[r][0] = isum[r][1] = _mm512_setzero_si512();
     for (int64_t kq = b * 8; kq < b * 8 + 8; ++kq) {
+      simd::prefetch(w + kq * 128 + kW8A8PrefetchBytes);  // the weights stream from memory: ask early
+      simd::prefetch(w + kq * 128 + kW8A8PrefetchBytes + 64);
       const __m512i w0 = _mm512_loadu_si512(w + kq * 128), w1 = _mm512_loadu_si512(w + kq * 128 + 64);
       for (int r = 0; r < R; ++r) {
         int32_t four;
         std::memcpy(&four, xq + r * K + kq * 4, 4);
-        const __m512i xb = _mm512_set1_epi32(four);  // already x ^ 0x80: vpdpbusd's unsigned side
-        isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], xb, w0);
-        isum[r][1] = _mm512_dpbusd_epi32(isum[r][1], xb, w1);
+        const __m512i xb = _mm512_set1_epi32(four);
+        isum[r][0] = _mm512_dpbusd_epi32(isum[r][0], w0, xb);  // biased weights: the unsigned side
+        isum[r][1] = _mm512_dpbusd_epi32(isum[r][1], w1, xb);
       }
     }
-    for (int h = 0; h < 2; ++h) {
-      const __m512i o = _mm512_loadu_si512(off + b * kPanel + h * 16);
-      for (int r = 0; r < R; ++r) {
-        const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r][h], o));
-        acc[r][h] = _mm512_add_ps(acc[r][h], _mm512_mul_ps(f, _mm512_set1_ps(sx[r * nb + b])));
-      }
+    for (int r = 0; r < R; ++r) {
+      const __m512i c = _mm512_set1_epi32(corr[r * nb + b]);
+      const __m512 s = _mm512_set1_ps(sx[r * nb + b]);
+      for (int h = 0; h < 2; ++h)
+        acc[r][h] = _mm512_add_ps(acc[r][h], _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r][h], c)), s));
     }
   }
   for (int r = 0; r < R; ++r)
@@ -345,7 +357,7 @@ void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int8_t* w, co
         std::memcpy(&four, xq + r * K + kq * 4, 4);
         const __m256i xb = _mm256_set1_epi32(four);
 #if defined(__AVXVNNI__)
-        for (int v = 0; v < 4; ++v) isum[r][v] = _mm256_dpbusd_avx_epi32(isum[r][v], xb, wv[v]);  // x ^ 0x80
+        for (int v = 0; v < 4; ++v) isum[r][v] = _mm256_dpbusd_avx_epi32(isum[r][v], wv[v], xb);  // biased weights
 #else
         // |x| as the unsigned side, w with x's sign: pairs of products stay within int16 (127 * 127 * 2).
         const __m256i ax = _mm256_sign_epi8(xb, xb);
@@ -355,12 +367,11 @@ void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int8_t* w, co
 #endif
       }
     }
-    for (int v = 0; v < 4; ++v) {
-      const __m256i o = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(off + b * kPanel + v * 8));
-      for (int r = 0; r < R; ++r) {
-        const __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][v], o));
-        acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_mul_ps(f, _mm256_set1_ps(sx[r * nb + b])));
-      }
+    for (int r = 0; r < R; ++r) {
+      const __m256i c = _mm256_set1_epi32(corr[r * nb + b]);
+      const __m256 s = _mm256_set1_ps(sx[r * nb + b]);
+      for (int v = 0; v < 4; ++v)
+        acc[r][v] = _mm256_add_ps(acc[r][v], _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(isum[r][v], c)), s));
     }
   }
   for (int r = 0; r < R; ++r)
@@ -373,7 +384,7 @@ void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int8_t* w, co
         int32_t isum = 0;
         for (int64_t k = b * kActBlock; k < (b + 1) * kActBlock; ++k)
           isum += static_cast<int32_t>(xq[r * K + k]) * w[(k / 4) * 128 + n * 4 + k % 4];
-        acc[n] = acc[n] + static_cast<float>(isum - off[b * kPanel + n]) * sx[r * nb + b];
+        acc[n] = acc[n] + static_cast<float>(isum - corr[r * nb + b]) * sx[r * nb + b];
       }
     std::memcpy(out + r * ldo, acc, sizeof(acc));
   }
@@ -388,26 +399,29 @@ constexpr int64_t kW8A8Rows =
 #endif
 
 template <int... Rs>
-constexpr std::array<void (*)(const int8_t*, int64_t, const float*, const int8_t*, const int32_t*, float*, int64_t),
+constexpr std::array<void (*)(const int8_t*, int64_t, const float*, const int32_t*, const int8_t*, float*, int64_t),
                      sizeof...(Rs)>
 w8a8_table(std::integer_sequence<int, Rs...>) {
   return {&w8a8_tile<Rs + 1>...};
 }
 
-std::vector<torch::Tensor> quantize_rows(torch::Tensor x, bool flip) {
+// {codes int8 [M, K], scales float32 [M, K/32], corrections int32 [M, K/32]}
+std::vector<torch::Tensor> quantize_rows(torch::Tensor x) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   x = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), nb = K / kActBlock;
   TORCH_CHECK(K % kActBlock == 0, "int8 activations come in blocks of 32 inputs, got ", K);
   auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
   auto s = torch::empty({M, nb}, x.options());
+  auto c = torch::empty({M, nb}, x.options().dtype(torch::kInt32));
   const float* xp = x.data_ptr<float>();
   int8_t* qp = q.data_ptr<int8_t>();
   float* sp = s.data_ptr<float>();
+  int32_t* cp = c.data_ptr<int32_t>();
   at::parallel_for(0, M * nb, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) quantize_block(xp + i * kActBlock, qp + i * kActBlock, sp + i, flip);
+    for (int64_t i = begin; i < end; ++i) quantize_block(xp + i * kActBlock, qp + i * kActBlock, sp + i, cp + i);
   });
-  return {q, s};
+  return {q, s, c};
 }
 
 }  // namespace
@@ -487,31 +501,33 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d
 
 std::vector<torch::Tensor> w8a8_pack(torch::Tensor q, torch::Tensor scale) {
   TORCH_CHECK(q.scalar_type() == torch::kInt8 && q.dim() == 2, "W8A8 weights must be int8 [N, K]");
-  const int64_t N = q.size(0), K = q.size(1), P = N / kPanel, nb = K / kActBlock;
+  const int64_t N = q.size(0), K = q.size(1);
   TORCH_CHECK(N % kPanel == 0 && K % kActBlock == 0,
               "W8A8 needs out_features and in_features divisible by 32, got ", N, " x ", K);
   TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.numel() == N, "W8A8 needs float32 [N] scales");
-  auto packed = q.contiguous().view({P, kPanel, K / 4, 4}).permute({0, 2, 1, 3}).contiguous();
-  auto sums = q.to(torch::kInt32).view({P, kPanel, nb, kActBlock}).sum(3).permute({0, 2, 1}).contiguous();
-  auto offsets = kOffsetDot ? sums.mul_(128).to(torch::kInt32) : torch::zeros_like(sums);
-  return {packed, scale.contiguous().view({N}), offsets};
+  auto packed = q.contiguous().view({N / kPanel, kPanel, K / 4, 4}).permute({0, 2, 1, 3}).contiguous();
+  if (kBiasedWeights) packed.view(torch::kUInt8).bitwise_xor_(0x80);
+  return {packed, scale.contiguous().view({N})};
 }
 
-std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) { return quantize_rows(x, false); }
+std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x) {
+  auto q = quantize_rows(x);
+  return {q[0], q[1]};
+}
 
-torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor offsets) {
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [M, K]");
   const int64_t M = x.size(0), K = x.size(1), P = packed.size(0), N = P * kPanel, nb = K / kActBlock;
   TORCH_CHECK(packed.dim() == 4 && packed.size(1) * 4 == K, "x has ", K, " inputs, the W8A8 weights ",
               packed.size(1) * 4);
   auto out = torch::empty({M, N}, x.options());
   if (M == 0) return out;
-  auto quantized = quantize_rows(x, kOffsetDot);
+  auto quantized = quantize_rows(x);
   const int8_t* xq = quantized[0].data_ptr<int8_t>();
   const float* sx = quantized[1].data_ptr<float>();
+  const int32_t* corr = quantized[2].data_ptr<int32_t>();
   const int8_t* wp = packed.data_ptr<int8_t>();
   const float* sw = scale.data_ptr<float>();
-  const int32_t* off = offsets.data_ptr<int32_t>();
   float* op = out.data_ptr<float>();
   static constexpr auto table = w8a8_table(std::make_integer_sequence<int, kW8A8Rows>{});
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
@@ -519,7 +535,7 @@ torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
       for (int64_t r0 = 0; r0 < M; r0 += kW8A8Rows) {
         const int64_t rows = std::min(kW8A8Rows, M - r0);
         float* o = op + r0 * N + p * kPanel;
-        table[rows - 1](xq + r0 * K, K, sx + r0 * nb, wp + p * K * kPanel, off + p * nb * kPanel, o, N);
+        table[rows - 1](xq + r0 * K, K, sx + r0 * nb, corr + r0 * nb, wp + p * K * kPanel, o, N);
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t n = 0; n < kPanel; ++n) o[r * N + n] *= sw[p * kPanel + n];
       }

@@ -17,14 +17,14 @@ torch::Tensor quant_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor d
 // Float32 weights [N, K] -> the same panels [N/32, K, 32], read by quant_linear with layout "F32".
 torch::Tensor f32_pack(torch::Tensor weight);
 
-// int8 weights [N, K] with float32 per-feature scales [N] -> {packed, scales, offsets} for w8a8_linear.
+// int8 weights [N, K] with float32 per-feature scales [N] -> {packed, scales} for w8a8_linear.
 std::vector<torch::Tensor> w8a8_pack(torch::Tensor q, torch::Tensor scale);
 
-// Per-row symmetric int8 quantization of float32 rows: {codes int8 [M, K], scales float32 [M]}.
+// Symmetric int8 quantization of float32 rows per block of 32: {codes int8 [M, K], scales float32 [M, K/32]}.
 std::vector<torch::Tensor> quantize_rows_int8(torch::Tensor x);
 
-// x [M, K] float32, quantized per row, times the int8 weights in integer arithmetic -> float32 [M, N].
-torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor offsets);
+// x [M, K] float32, quantized per block of 32 inputs, times the int8 weights in integer arithmetic -> float32 [M, N].
+torch::Tensor w8a8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scale);
 
 // The build's SIMD level for the float kernels ("avx512", "avx2", "generic") and for W8A8's integer
 // dot products ("avx512_vnni", "avx_vnni", "avx2", "generic").

@@ -66,8 +66,8 @@ class W8A8LinearMethod:
         n, k = codes.shape
         if ops is None or n % 32 or k % ACT_BLOCK:
             return cls(codes, scale, None, None)
-        packed, scales, offsets = ops.w8a8_pack(codes, scale)
-        quant = (packed, scales, offsets, "W8A8")
+        packed, scales = ops.w8a8_pack(codes, scale)
+        quant = (packed, scales, torch.empty(0), "W8A8")
         fused = ops.FusedLinear(torch.empty(0), None if bias is None else bias.detach(), quant)
         return cls(codes, scale, fused, quant)
 
