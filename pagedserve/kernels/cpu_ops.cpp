@@ -99,7 +99,7 @@ inline float exp_shifted_inplace(float* x, int64_t n, float shift) {
 // one; the kernels ask for it a cache line at a time while they work on the current block. Into L2
 // (prefetcht1): prefetches into L1 hold its few line-fill buffers and stall the loop, measured 20-35%
 // slower. An asm statement, because GCC deletes __builtin_prefetch loops it considers without effect.
-inline void prefetch_line(const void* p) { asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p))); }
+inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 2); }
 
 // Back a large tensor with transparent huge pages (where the kernel allows it on request): the KV
 // cache is read block by block from scattered places, and 4 KiB pages make that a TLB miss each.
