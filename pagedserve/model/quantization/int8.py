@@ -29,8 +29,12 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return codes, scale
 
 
-class Int8LinearMethod:
+class PerChannelInt8Method:
+    """What int8 and w8a8 share: weights quantized per output feature at load, packed for the kernel
+    when it is built and the shape fits (`in_multiple`), else kept as codes for the PyTorch path."""
+
     keeps_float_weight = False
+    in_multiple = 32  # in_features the kernel's layout needs a multiple of
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, fused: Any, quant: tuple | None) -> None:
         self.codes = None if fused is not None else codes  # the kernel holds its own packed copy
@@ -39,22 +43,33 @@ class Int8LinearMethod:
         self.quant = quant
 
     @classmethod
-    def create(cls, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType | None) -> Int8LinearMethod:
+    def pack(cls, ops: ModuleType, codes: torch.Tensor, scale: torch.Tensor) -> tuple:
+        """The kernel's (codes, scales, minimums, layout) for FusedLinear."""
+        raise NotImplementedError
+
+    @classmethod
+    def create(cls, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType | None) -> PerChannelInt8Method:
         codes, scale = quantize_per_channel(weight)
         n, k = codes.shape
-        if ops is None or n % 32 or k % 32:
+        if ops is None or n % 32 or k % cls.in_multiple:
             return cls(codes, scale, None, None)
-        packed, scales, _ = ops.pack_panels(codes, scale, torch.empty(0), "I8_ROW")
-        quant = (packed, scales, torch.empty(0), "I8_ROW")
+        quant = cls.pack(ops, codes, scale)
         fused = ops.FusedLinear(torch.empty(0), None if bias is None else bias.detach(), quant)
         return cls(codes, scale, fused, quant)
-
-    def dequantized(self) -> torch.Tensor:
-        return self.codes.float() * self.scale.unsqueeze(1)
 
     @property
     def nbytes(self) -> int:
         return tensor_bytes(self.codes, self.scale, *(self.quant or ())[:3])
+
+
+class Int8LinearMethod(PerChannelInt8Method):
+    @classmethod
+    def pack(cls, ops: ModuleType, codes: torch.Tensor, scale: torch.Tensor) -> tuple:
+        packed, scales, _ = ops.pack_panels(codes, scale, torch.empty(0), "I8_ROW")
+        return (packed, scales, torch.empty(0), "I8_ROW")
+
+    def dequantized(self) -> torch.Tensor:
+        return self.codes.float() * self.scale.unsqueeze(1)
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:

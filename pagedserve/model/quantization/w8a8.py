@@ -12,13 +12,11 @@ it: quantizing the activations rounds them, so it is opt-in.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
 
 import torch
 from torch import nn
 
-from pagedserve.model.quantization.int8 import quantize_per_channel
-from pagedserve.model.quantization.unquantized import tensor_bytes
+from pagedserve.model.quantization.int8 import PerChannelInt8Method
 
 ACT_BLOCK = 32  # inputs per activation scale
 
@@ -51,29 +49,13 @@ def w8a8_reference(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) ->
     return acc * scale.unsqueeze(0)
 
 
-class W8A8LinearMethod:
-    keeps_float_weight = False
-
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, fused: Any, quant: tuple | None) -> None:
-        self.codes = None if fused is not None else codes  # the kernel holds its own packed copy
-        self.scale = scale
-        self.fused = fused
-        self.quant = quant
+class W8A8LinearMethod(PerChannelInt8Method):
+    in_multiple = ACT_BLOCK
 
     @classmethod
-    def create(cls, weight: torch.Tensor, bias: torch.Tensor | None, ops: ModuleType | None) -> W8A8LinearMethod:
-        codes, scale = quantize_per_channel(weight)
-        n, k = codes.shape
-        if ops is None or n % 32 or k % ACT_BLOCK:
-            return cls(codes, scale, None, None)
+    def pack(cls, ops: ModuleType, codes: torch.Tensor, scale: torch.Tensor) -> tuple:
         packed, scales = ops.w8a8_pack(codes, scale)
-        quant = (packed, scales, torch.empty(0), "W8A8")
-        fused = ops.FusedLinear(torch.empty(0), None if bias is None else bias.detach(), quant)
-        return cls(codes, scale, fused, quant)
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self.codes, self.scale, *(self.quant or ())[:3])
+        return (packed, scales, torch.empty(0), "W8A8")
 
     def apply(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if self.fused is not None:
