@@ -89,7 +89,7 @@ def part_beam(args, text_ids: list[int]) -> dict:
             savings.append(1 - physical / logical)
     ours_s = time.perf_counter() - start
     cfg = engine.model_config
-    block_bytes = kv_block_bytes(cfg, engine.kv.block_size, torch.float32)
+    block_bytes = kv_block_bytes(cfg, engine.kv.block_size, engine.config.kv_cache_torch_dtype)
 
     path = resolve_model_path("smollm2-135m")
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()

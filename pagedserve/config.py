@@ -12,6 +12,9 @@ from pagedserve.spec_decode.config import SpeculativeConfig
 QUANTIZATION_METHODS = ("int8", "w8a8", "gguf")  # pagedserve/model/quantization
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICIES = ("continuous", "static")
+# The KV cache's element type; "auto" is the model's dtype. fp8 would need scaled 8-bit kernels.
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
+_FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
 
 
 def _require(ok: bool, field_name: str, allowed: str, value: object) -> None:
@@ -40,12 +43,18 @@ class CacheConfig:
     num_blocks: int | None = field(default=None, metadata=option("exact KV block count (overrides the budget)"))
     enable_prefix_caching: bool = field(default=True, metadata=option(
         "reuse the KV blocks of a prompt prefix computed before (automatic prefix caching)"))
+    kv_cache_dtype: str = field(default="auto", metadata=option(
+        "KV cache element type: auto (the model's dtype), float16 or bfloat16 (half the memory per block; "
+        "attention still computes in the model's dtype)", choices=KV_CACHE_DTYPES))
 
     def __post_init__(self) -> None:
         _require(isinstance(self.block_size, int) and 1 <= self.block_size <= 256,
                  "block_size", "an integer in [1, 256]", self.block_size)
         _require(self.kv_cache_memory_gb > 0, "kv_cache_memory_gb", "> 0", self.kv_cache_memory_gb)
         _require(self.num_blocks is None or self.num_blocks >= 1, "num_blocks", ">= 1 or None", self.num_blocks)
+        fp8 = " (fp8 is not supported by this engine's CPU backends)" if self.kv_cache_dtype in _FP8_KV_CACHE_DTYPES else ""
+        _require(self.kv_cache_dtype in KV_CACHE_DTYPES, "kv_cache_dtype", f"one of {KV_CACHE_DTYPES}{fp8}",
+                 self.kv_cache_dtype)
 
 
 @dataclass
@@ -115,6 +124,12 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return _DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """The KV cache's element type: cache.kv_cache_dtype, or the model's dtype for "auto"."""
+        kv = self.cache.kv_cache_dtype
+        return self.torch_dtype if kv == "auto" else _DTYPES[kv]
 
     @classmethod
     def from_kwargs(cls, model: str = "smollm2-135m", **kwargs: object) -> EngineConfig:

@@ -75,11 +75,11 @@ class EngineCore:
         self.model = build_model(config, self.model_path, cfg)
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         cc = config.cache
-        block_bytes = kv_block_bytes(cfg, cc.block_size, config.torch_dtype)
+        block_bytes = kv_block_bytes(cfg, cc.block_size, config.kv_cache_torch_dtype)  # 16-bit KV: twice the blocks
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30 // block_bytes))
         self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
-        self.runner = ModelRunner(self.model, cfg, num_blocks, cc.block_size, config.torch_dtype,
+        self.runner = ModelRunner(self.model, cfg, num_blocks, cc.block_size, config.kv_cache_torch_dtype,
                                   torch.device(config.device))
         spec = config.speculative_config
         if spec is not None:

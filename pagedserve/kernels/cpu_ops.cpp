@@ -1,4 +1,6 @@
-// Fused CPU kernels for the decode hot path (float32 only; every other dtype takes the torch path).
+// Fused CPU kernels for the decode hot path (float32 activations only; every other dtype takes the
+// torch path). The KV cache may also be float16 or bfloat16: the attention kernels widen it to
+// float32 as they load it, so only the bytes read change, not the arithmetic.
 //
 // Each function replaces a chain of small ATen ops whose per-op overhead dominated a decode step
 // on a 2-core CPU: paged attention reads K/V in place through the block table instead of
@@ -12,6 +14,9 @@
 #include "quant_linear.h"
 
 #include <sys/mman.h>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -20,6 +25,7 @@
 #include <cstring>
 #include <type_traits>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -53,6 +59,84 @@ inline float hsum16(vf16 v) {
   float s = 0.f;
   for (int l = 0; l < 16; ++l) s += v[l];
   return s;
+}
+
+// KV cache elements: float, at::Half or at::BFloat16. load16 widens 16 of them to a vf16 (exactly),
+// store16 narrows with round-to-nearest-even, as torch's .to(dtype) does, so either path writes the
+// same bits. The F16C / AVX-512 intrinsics do it 8 or 16 lanes at a time; elsewhere c10's scalar
+// conversion does (GCC 12 scalarizes _Float16 vector conversions anyway).
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef uint16_t vw16 __attribute__((vector_size(32)));
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::Half x) { return static_cast<float>(x); }
+inline float to_float(at::BFloat16 x) { return std::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
+
+template <typename T>
+inline T from_float(float x) {
+  return T(x);  // c10's Half and BFloat16 constructors round to nearest even
+}
+
+inline vf16 load16(const at::Half* p) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf16>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__F16C__)
+  const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+  vf16 v;
+  std::memcpy(&v, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
+  return v;
+#else  // no portable 16-bit float vector type in C++ (GCC 12 has no _Float16 there, e.g. on ARM)
+  vf16 v;
+  for (int l = 0; l < 16; ++l) v[l] = to_float(p[l]);
+  return v;
+#endif
+}
+
+inline vf16 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a float32
+#if defined(__AVX512F__)  // GCC splits the generic widening below into 8-lane pieces
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return reinterpret_cast<vf16>(_mm512_slli_epi32(u, 16));
+#else
+  vw16 w;
+  std::memcpy(&w, p, sizeof(w));
+  return reinterpret_cast<vf16>(__builtin_convertvector(w, vu16) << 16);
+#endif
+}
+
+inline void store16(at::Half* p, vf16 v) {
+#if defined(__AVX512F__)
+  const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+#elif defined(__F16C__)
+  __m256 lo, hi;
+  std::memcpy(&lo, &v, sizeof(lo));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int l = 0; l < 16; ++l) p[l] = from_float<at::Half>(v[l]);
+#endif
+}
+
+inline void store16(at::BFloat16* p, vf16 v) {  // round to nearest even; NaN stays a (quiet) NaN
+  const vu16 u = reinterpret_cast<vu16>(v);
+  const vu16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const vu16 nan = reinterpret_cast<vu16>(v != v);
+  const vw16 w = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), vw16);
+  std::memcpy(p, &w, sizeof(w));
+}
+
+// Calls fn(std::type_identity<T>{}) with T the element type of a KV cache of that dtype.
+template <typename Fn>
+void dispatch_cache_type(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(std::type_identity<float>{});
+    case at::kHalf: return fn(std::type_identity<at::Half>{});
+    case at::kBFloat16: return fn(std::type_identity<at::BFloat16>{});
+    default: TORCH_CHECK(false, "KV caches must be float32, float16 or bfloat16, got ", dtype);
+  }
 }
 
 // exp(x) as Cephes' expf (range reduction by ln 2, degree-5 polynomial; ~1 ulp), for a scalar or
@@ -97,9 +181,17 @@ inline float exp_shifted_inplace(float* x, int64_t n, float shift) {
 
 // Blocks of one request sit anywhere in the cache, so the hardware prefetcher cannot guess the next
 // one; the kernels ask for it a cache line at a time while they work on the current block. Into L2
-// (prefetcht1): prefetches into L1 hold its few line-fill buffers and stall the loop, measured 20-35%
-// slower. An asm statement, because GCC deletes __builtin_prefetch loops it considers without effect.
+// (locality 2, prefetcht1 on x86): prefetches into L1 hold its few line-fill buffers and stall the
+// loop, measured 20-35% slower. Distances are in 64-byte lines, whatever the cache's element type.
+constexpr int64_t kLine = 64;
 inline void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 2); }
+
+// Every line of n elements from p.
+template <typename T>
+inline void prefetch_span(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += kLine) prefetch_line(c + b);
+}
 
 // Back a large tensor with transparent huge pages (where the kernel allows it on request): the KV
 // cache is read block by block from scattered places, and 4 KiB pages make that a TLB miss each.
@@ -116,33 +208,67 @@ void check_f32(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
 }
 
-// k_cache: [kv_heads, num_blocks, head_dim, block_size] (K transposed inside each block, so a
-// block's scores are head_dim vector FMAs over block_size slots, with no horizontal sums);
-// v_cache: [kv_heads, num_blocks, block_size, head_dim]. k, v: [T, kv_heads, head_dim] with a unit
-// last stride; slot = block * block_size + offset.
-void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& slot_mapping) {
-  check_f32(k_cache, "k_cache");
+// Both caches on the CPU, contiguous, of one dtype (float32, float16 or bfloat16).
+void check_caches(const at::Tensor& k_cache, const at::Tensor& v_cache) {
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu(), "caches must be on the CPU");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v need a unit last stride");
-  const int64_t T = k.size(0), kvh = k.size(1), d = k.size(2);
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache must have one dtype");
+}
+
+// n floats → n cache elements (16 at a time, then one by one).
+template <typename T>
+inline void convert_row(T* dst, const float* src, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy_n(src, n, dst);
+  } else {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) store16(dst + i, load16(src + i));
+    for (; i < n; ++i) dst[i] = from_float<T>(src[i]);
+  }
+}
+
+template <typename T>
+void write_kv_typed(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& slot_mapping) {
+  const int64_t tokens = k.size(0), kvh = k.size(1), d = k.size(2);
   const int64_t num_blocks = k_cache.size(1), bs = k_cache.size(3);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
+  T* kc = static_cast<T*>(k_cache.data_ptr());
+  T* vc = static_cast<T*>(v_cache.data_ptr());
   const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   // Every token of a step has its own slot, so tokens can be written in parallel.
-  at::parallel_for(0, T, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tokens, 8, [&](int64_t begin, int64_t end) {
+    std::vector<T> row(std::is_same_v<T, float> ? 0 : d);  // one head's K, converted before its strided scatter
     for (int64_t t = begin; t < end; ++t) {
       const int64_t block = slots[t] / bs, offset = slots[t] % bs;
       for (int64_t h = 0; h < kvh; ++h) {
         const float* src = kp + t * k.stride(0) + h * k.stride(1);
-        float* kdst = kc + (h * num_blocks + block) * d * bs + offset;
-        for (int64_t i = 0; i < d; ++i) kdst[i * bs] = src[i];
-        std::copy_n(vp + t * v.stride(0) + h * v.stride(1), d, vc + ((h * num_blocks + block) * bs + offset) * d);
+        T* kdst = kc + (h * num_blocks + block) * d * bs + offset;
+        if constexpr (std::is_same_v<T, float>) {
+          for (int64_t i = 0; i < d; ++i) kdst[i * bs] = src[i];
+        } else {
+          convert_row(row.data(), src, d);
+          for (int64_t i = 0; i < d; ++i) kdst[i * bs] = row[i];
+        }
+        convert_row(vc + ((h * num_blocks + block) * bs + offset) * d, vp + t * v.stride(0) + h * v.stride(1), d);
       }
     }
+  });
+}
+
+// k_cache: [kv_heads, num_blocks, head_dim, block_size] (K transposed inside each block, so a
+// block's scores are head_dim vector FMAs over block_size slots, with no horizontal sums);
+// v_cache: [kv_heads, num_blocks, block_size, head_dim]. k, v: [T, kv_heads, head_dim] with a unit
+// last stride; slot = block * block_size + offset. A 16-bit cache gets k and v rounded to nearest even.
+void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping) {
+  check_caches(k_cache, v_cache);
+  check_f32(k, "k");
+  check_f32(v, "v");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1, "k and v need a unit last stride");
+  dispatch_cache_type(k_cache.scalar_type(), [&](auto tag) {
+    write_kv_typed<typename decltype(tag)::type>(k_cache, v_cache, k, v, slot_mapping);
   });
 }
 
@@ -155,35 +281,42 @@ void write_kv(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const
 // The common shapes: block_size 16, head_dim D (a multiple of 16) and group size G known at compile
 // time, so the G score vectors and G x D/16 output accumulators live in registers.
 //
-// The item is memory-bound: its K blocks, then its V blocks, each 4 KiB somewhere in the cache. They
-// are read as one stream (K blocks, V blocks, then the next item's first K blocks, `next`); while
-// one block is used, the block kAhead places further on is prefetched line by line.
-constexpr int64_t kAhead = 3;
+// The item is memory-bound: its K blocks, then its V blocks, each D x 16 elements somewhere in the
+// cache. They are read as one stream (K blocks, V blocks, then the next item's first K blocks,
+// `next`); while one block is used, the block kAhead<T> places further on is prefetched line by line.
+// A 16-bit block is half as many lines, so twice as many blocks ahead keep as many bytes in flight.
+template <typename T>
+constexpr int64_t kAhead = 12 / sizeof(T);
 
-template <int64_t D, int64_t G>
-void decode_item_fast(float* out, const float* qh, int64_t q_head_stride, const float* kc, const float* vc,
+template <typename T, int64_t D, int64_t G>
+void decode_item_fast(float* out, const float* qh, int64_t q_head_stride, const T* kc, const T* vc,
                       const int64_t* table, int64_t len, int64_t head_base, float scale, float* scores,
-                      const float* const* next) {
-  constexpr int64_t kBs = 16, kVecs = D / 16, kBlockFloats = D * kBs;
+                      const T* const* next) {
+  constexpr int64_t kBs = 16, kVecs = D / 16, kBlockElems = D * kBs;
+  constexpr int64_t kRowsPerLine = kLine / (kBs * sizeof(T));  // K rows of 16 slots in one line: 1 or 2
+  constexpr int64_t kLinesPerRow = D * sizeof(T) / kLine;  // lines in one V row (one slot's D values)
+  constexpr int64_t kAheadT = kAhead<T>;
   const int64_t nblocks = (len + kBs - 1) / kBs, padded = nblocks * kBs;
-  static const float kNothing[kBlockFloats] = {};  // a harmless address when the stream has ended
-  auto stream_block = [&](int64_t s) -> const float* {  // s-th block of the stream described above
-    if (s < nblocks) return kc + (head_base + table[s]) * kBlockFloats;
-    if (s < 2 * nblocks) return vc + (head_base + table[s - nblocks]) * kBlockFloats;
-    if (s - 2 * nblocks < kAhead && next[s - 2 * nblocks]) return next[s - 2 * nblocks];
+  static const T kNothing[kBlockElems] = {};  // a harmless address when the stream has ended
+  auto stream_block = [&](int64_t s) -> const T* {  // s-th block of the stream described above
+    if (s < nblocks) return kc + (head_base + table[s]) * kBlockElems;
+    if (s < 2 * nblocks) return vc + (head_base + table[s - nblocks]) * kBlockElems;
+    if (s - 2 * nblocks < kAheadT && next[s - 2 * nblocks]) return next[s - 2 * nblocks];
     return kNothing;
   };
   float q[G][D];
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D; ++i) q[g][i] = qh[g * q_head_stride + i] * scale;
   for (int64_t n = 0; n < nblocks; ++n) {
-    const float* kb = kc + (head_base + table[n]) * kBlockFloats;  // [D][16]: K transposed in the block
-    const float* ahead = stream_block(n + kAhead);
+    const T* kb = kc + (head_base + table[n]) * kBlockElems;  // [D][16]: K transposed in the block
+    const T* ahead = stream_block(n + kAheadT);
     vf16 sv[G] = {};
-    for (int64_t i = 0; i < D; ++i) {  // one 64-byte line of K per i
+    for (int64_t i = 0; i < D; i += kRowsPerLine) {  // one 64-byte line of K per step
       prefetch_line(ahead + i * kBs);
-      const vf16 k = load16(kb + i * kBs);
-      for (int64_t g = 0; g < G; ++g) sv[g] += q[g][i] * k;
+      for (int64_t r = i; r < i + kRowsPerLine; ++r) {
+        const vf16 k = load16(kb + r * kBs);
+        for (int64_t g = 0; g < G; ++g) sv[g] += q[g][r] * k;
+      }
     }
     for (int64_t g = 0; g < G; ++g) store16(scores + g * padded + n * kBs, sv[g]);
   }
@@ -195,11 +328,11 @@ void decode_item_fast(float* out, const float* qh, int64_t q_head_stride, const 
   }
   vf16 acc[G][kVecs] = {};
   for (int64_t n = 0; n < nblocks; ++n) {
-    const float* vb = vc + (head_base + table[n]) * kBlockFloats;  // [16][D]
-    const float* ahead = stream_block(nblocks + n + kAhead);
+    const T* vb = vc + (head_base + table[n]) * kBlockElems;  // [16][D]
+    const T* ahead = stream_block(nblocks + n + kAheadT);
     const int64_t rows = std::min(kBs, len - n * kBs);
-    for (int64_t r = 0; r < kBs; ++r) {  // D/16 lines of V per row
-      for (int64_t j = 0; j < kVecs; ++j) prefetch_line(ahead + r * D + j * 16);
+    for (int64_t r = 0; r < kBs; ++r) {
+      for (int64_t j = 0; j < kLinesPerRow; ++j) prefetch_line(reinterpret_cast<const char*>(ahead + r * D) + j * kLine);
       if (r >= rows) continue;
       const int64_t t = n * kBs + r;
       vf16 v[kVecs];
@@ -215,15 +348,16 @@ void decode_item_fast(float* out, const float* qh, int64_t q_head_stride, const 
 }
 
 // Any shape, plain loops.
-void decode_item_generic(float* out, const float* qh, int64_t q_head_stride, const float* kc, const float* vc,
+template <typename T>
+void decode_item_generic(float* out, const float* qh, int64_t q_head_stride, const T* kc, const T* vc,
                          const int64_t* table, int64_t len, int64_t head_base, float scale, float* scores,
                          int64_t d, int64_t bs, int64_t group) {
   for (int64_t g = 0; g < group; ++g) {
     float* sg = scores + g * len;
     for (int64_t t = 0; t < len; ++t) {
-      const float* kb = kc + (head_base + table[t / bs]) * d * bs + t % bs;
+      const T* kb = kc + (head_base + table[t / bs]) * d * bs + t % bs;
       float dot = 0.f;
-      for (int64_t i = 0; i < d; ++i) dot += qh[g * q_head_stride + i] * kb[i * bs];
+      for (int64_t i = 0; i < d; ++i) dot += qh[g * q_head_stride + i] * to_float(kb[i * bs]);
       sg[t] = dot * scale;
     }
     const float mx = *std::max_element(sg, sg + len);
@@ -231,9 +365,9 @@ void decode_item_generic(float* out, const float* qh, int64_t q_head_stride, con
     float* o = out + g * d;
     std::fill(o, o + d, 0.f);
     for (int64_t t = 0; t < len; ++t) {
-      const float* vt = vc + ((head_base + table[t / bs]) * bs + t % bs) * d;
+      const T* vt = vc + ((head_base + table[t / bs]) * bs + t % bs) * d;
       const float p = sg[t] * inv;
-      for (int64_t i = 0; i < d; ++i) o[i] += p * vt[i];
+      for (int64_t i = 0; i < d; ++i) o[i] += p * to_float(vt[i]);
     }
   }
 }
@@ -278,55 +412,63 @@ auto pick_kernel(int64_t bs, int64_t d, int64_t group) -> decltype(Kernel<64, 1>
 }
 
 // What both attention entry points read from their operands, checked once: q [T, heads, head_dim]
-// (unit last stride), out contiguous like q, and the caches in write_kv's layout.
+// (unit last stride) float32, out contiguous like q, and the caches in write_kv's layout, of element
+// type T.
+template <typename T>
 struct AttentionOperands {
   int64_t heads, d, kvh, num_blocks, bs, group;
-  const float *qp, *kc, *vc;
+  const float* qp;
+  const T *kc, *vc;
   float* op;
 
   AttentionOperands(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache) {
     check_f32(q, "q");
-    check_f32(k_cache, "k_cache");
+    check_f32(out, "out");
     TORCH_CHECK(out.is_contiguous() && q.stride(2) == 1, "out must be contiguous, q needs a unit last stride");
     heads = q.size(1), d = q.size(2);
     kvh = k_cache.size(0), num_blocks = k_cache.size(1), bs = k_cache.size(3);
     group = heads / kvh;
-    qp = q.data_ptr<float>(), kc = k_cache.data_ptr<float>(), vc = v_cache.data_ptr<float>();
-    op = out.data_ptr<float>();
+    qp = q.data_ptr<float>(), op = out.data_ptr<float>();
+    kc = static_cast<const T*>(k_cache.data_ptr()), vc = static_cast<const T*>(v_cache.data_ptr());
   }
 };
 
-template <int64_t D, int64_t G>
-struct DecodeKernel {
-  static constexpr auto fn = &decode_item_fast<D, G>;
+template <typename T>
+struct DecodeKernels {
+  template <int64_t D, int64_t G>
+  struct Of {
+    static constexpr auto fn = &decode_item_fast<T, D, G>;
+  };
 };
 
-void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
-                            const at::Tensor& v_cache, const at::Tensor& block_tables,
-                            const at::Tensor& context_lens, double scale) {
-  const AttentionOperands a(out, q, k_cache, v_cache);
+template <typename T>
+void paged_decode_typed(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  const AttentionOperands<T> a(out, q, k_cache, v_cache);
   const int64_t heads = a.heads, d = a.d, kvh = a.kvh, num_blocks = a.num_blocks, bs = a.bs, group = a.group;
-  const float *qp = a.qp, *kc = a.kc, *vc = a.vc;
+  const float* qp = a.qp;
+  const T *kc = a.kc, *vc = a.vc;
   float* op = a.op;
   const int64_t B = q.size(0), max_blocks = block_tables.size(1);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
-  const auto fast = pick_kernel<DecodeKernel>(bs, d, group);
+  const auto fast = pick_kernel<DecodeKernels<T>::template Of>(bs, d, group);
   const int64_t max_len = *std::max_element(lens, lens + B);
   const int64_t padded = (max_len + bs - 1) / bs * bs;
+  constexpr int64_t kAheadT = kAhead<T>;
 
   parallel_by_cost(B * kvh, [&](int64_t w) { return lens[w / kvh] + bs; }, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(group * padded);
-    auto first_k_blocks = [&](int64_t w, const float** blocks) {  // item w's first kAhead K blocks
+    auto first_k_blocks = [&](int64_t w, const T** blocks) {  // item w's first kAhead K blocks
       const int64_t b = w / kvh, h = w % kvh;
-      for (int64_t n = 0; n < kAhead; ++n)
+      for (int64_t n = 0; n < kAheadT; ++n)
         blocks[n] = w < end && n * bs < lens[b] ? kc + (h * num_blocks + tables[b * max_blocks + n]) * d * bs : nullptr;
     };
-    const float* next[kAhead];
+    const T* next[kAheadT];
     first_k_blocks(begin, next);
-    for (const float* p : next)
-      for (int64_t i = 0; p && i < d * bs; i += 16) prefetch_line(p + i);
+    for (const T* p : next)
+      if (p) prefetch_span(p, d * bs);
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / kvh, h = w % kvh;
       const float* qh = qp + b * q.stride(0) + h * group * q.stride(1);
@@ -342,6 +484,15 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
   });
 }
 
+void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                            const at::Tensor& v_cache, const at::Tensor& block_tables,
+                            const at::Tensor& context_lens, double scale) {
+  check_caches(k_cache, v_cache);
+  dispatch_cache_type(k_cache.scalar_type(), [&](auto tag) {
+    paged_decode_typed<typename decltype(tag)::type>(out, q, k_cache, v_cache, block_tables, context_lens, scale);
+  });
+}
+
 // Prefill attention: each query token of a segment (a prompt, or a chunk of one) attends to its
 // request's context up to and including itself, read through the block table (this step's K/V are
 // already written). q: [T, heads, head_dim] (unit last stride); out: [T, heads, head_dim]
@@ -350,11 +501,11 @@ void paged_decode_attention(at::Tensor out, const at::Tensor& q, const at::Tenso
 // One work item is (segment, KV head, tile of up to QT consecutive query tokens): the tile's QT x G
 // query vectors share every K load, so the scores are compute-bound multiply-adds instead of one
 // latency-bound chain per token as in decode. Each token's softmax and V sum then run as in decode.
-template <int64_t D, int64_t G, int64_t QT>
+template <typename T, int64_t D, int64_t G, int64_t QT>
 void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_row, int64_t q_head,
-                       const float* kc, const float* vc, const int64_t* table, int64_t first_len, int64_t nt,
+                       const T* kc, const T* vc, const int64_t* table, int64_t first_len, int64_t nt,
                        int64_t head_base, float scale, float* scores) {
-  constexpr int64_t kBs = 16, kVecs = D / 16, kBlockFloats = D * kBs, kQ = QT * G;
+  constexpr int64_t kBs = 16, kVecs = D / 16, kBlockElems = D * kBs, kQ = QT * G;
   const int64_t max_len = first_len + nt - 1;
   const int64_t nblocks = (max_len + kBs - 1) / kBs, padded = nblocks * kBs;
   float qs[kQ][D];
@@ -362,7 +513,7 @@ void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_ro
     for (int64_t g = 0; g < G; ++g)
       for (int64_t i = 0; i < D; ++i) qs[j * G + g][i] = j < nt ? q[j * q_row + g * q_head + i] * scale : 0.f;
   for (int64_t n = 0; n < nblocks; ++n) {
-    const float* kb = kc + (head_base + table[n]) * kBlockFloats;  // [D][16]
+    const T* kb = kc + (head_base + table[n]) * kBlockElems;  // [D][16]
     vf16 sv[kQ] = {};
     for (int64_t i = 0; i < D; ++i) {
       const vf16 k = load16(kb + i * kBs);
@@ -380,7 +531,7 @@ void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_ro
     }
     vf16 acc[G][kVecs] = {};
     for (int64_t t = 0; t < len; ++t) {
-      const float* vt = vc + ((head_base + table[t / kBs]) * kBs + t % kBs) * D;
+      const T* vt = vc + ((head_base + table[t / kBs]) * kBs + t % kBs) * D;
       vf16 v[kVecs];
       for (int64_t c = 0; c < kVecs; ++c) v[c] = load16(vt + c * 16);
       for (int64_t g = 0; g < G; ++g) {
@@ -396,24 +547,28 @@ void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_ro
 // Tokens per tile: about 12 query vectors (registers for their scores), at least one token.
 constexpr int64_t prefill_tokens_per_tile(int64_t group) { return group >= 12 ? 1 : 12 / group; }
 
-template <int64_t D, int64_t G>
-struct PrefillKernel {
-  static constexpr auto fn = &prefill_tile_fast<D, G, prefill_tokens_per_tile(G)>;
+template <typename T>
+struct PrefillKernels {
+  template <int64_t D, int64_t G>
+  struct Of {
+    static constexpr auto fn = &prefill_tile_fast<T, D, G, prefill_tokens_per_tile(G)>;
+  };
 };
 
-void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
-                             const at::Tensor& v_cache, const at::Tensor& seg_info, const at::Tensor& seg_tables,
-                             double scale) {
-  const AttentionOperands a(out, q, k_cache, v_cache);
+template <typename T>
+void paged_prefill_typed(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& seg_info, const at::Tensor& seg_tables, double scale) {
+  const AttentionOperands<T> a(out, q, k_cache, v_cache);
   const int64_t heads = a.heads, d = a.d, kvh = a.kvh, num_blocks = a.num_blocks, bs = a.bs, group = a.group;
-  const float *qp = a.qp, *kc = a.kc, *vc = a.vc;
+  const float* qp = a.qp;
+  const T *kc = a.kc, *vc = a.vc;
   float* op = a.op;
   TORCH_CHECK(seg_info.is_contiguous() && seg_tables.is_contiguous() && seg_info.size(1) == 3, "bad segment tensors");
   const int64_t max_blocks = seg_tables.size(1), S = seg_info.size(0);
   const int64_t* info = seg_info.data_ptr<int64_t>();
   const int64_t* tables = seg_tables.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
-  const auto fast = pick_kernel<PrefillKernel>(bs, d, group);
+  const auto fast = pick_kernel<PrefillKernels<T>::template Of>(bs, d, group);
   const int64_t tile = fast ? prefill_tokens_per_tile(group) : 1;
   // A tile: query tokens [row, row + nt) of segment seg, the first of which sees first_len tokens
   // (the cached prefix, the tile's predecessors in the segment, and itself).
@@ -444,6 +599,15 @@ void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tens
                             scores.data(), d, bs, group);
       }
     }
+  });
+}
+
+void paged_prefill_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
+                             const at::Tensor& v_cache, const at::Tensor& seg_info, const at::Tensor& seg_tables,
+                             double scale) {
+  check_caches(k_cache, v_cache);
+  dispatch_cache_type(k_cache.scalar_type(), [&](auto tag) {
+    paged_prefill_typed<typename decltype(tag)::type>(out, q, k_cache, v_cache, seg_info, seg_tables, scale);
   });
 }
 

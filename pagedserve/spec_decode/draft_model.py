@@ -31,14 +31,15 @@ if TYPE_CHECKING:
 
 
 class DraftModelProposer:
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, dtype: torch.dtype,
+    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, kv_cache_dtype: torch.dtype,
                  device: torch.device) -> None:
         self.model = model
         self.backend = model.attention_backend
         self.block_size = block_size
         self.device = device
         cfg = model.config
-        args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        # The draft's cache has the target's element type too (kv_cache_dtype applies to both).
+        args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, kv_cache_dtype, device)
         self.kv_caches = [self.backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
         self._computed: dict[str, int] = {}  # request -> positions 0.. whose draft K/V is written
         self.pass_seconds: list[float] = []  # the last propose()'s passes (the first one catches up)
@@ -65,7 +66,7 @@ class DraftModelProposer:
             raise ValueError(f"speculative_config.model's context ({cfg.max_position_embeddings}) is shorter "
                              f"than the target's max_model_len ({core.max_model_len})")
         model = build_model(core.config, path, cfg)
-        return cls(model, core.kv.pool.num_blocks, core.kv.block_size, core.config.torch_dtype,
+        return cls(model, core.kv.pool.num_blocks, core.kv.block_size, core.config.kv_cache_torch_dtype,
                    torch.device(core.config.device))
 
     def _done(self, item: DraftItem) -> int:

@@ -48,20 +48,21 @@ class ModelInputs:
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one block id across every layer's K and V, with elements of `dtype` (the KV cache's)."""
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 kv_cache_dtype: torch.dtype, device: torch.device) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.backend = model.attention_backend
         # Pre-allocated once; requests only ever get block ids into these tensors. The model's
-        # attention backend decides the layout.
-        args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, dtype, device)
+        # attention backend decides the layout; the element type is EngineConfig.kv_cache_torch_dtype.
+        args = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, kv_cache_dtype, device)
         self.kv_caches = [self.backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
         self.sampler = Sampler(model.fused)
         self.speculator: Speculator | None = None  # set by the engine when speculative decoding is on

@@ -48,6 +48,25 @@ def compute(ops: ModuleType) -> dict[str, torch.Tensor]:
         assert torch.equal(out[f"w8a8/{rows}"], w8a8_reference(x, codes, scale))
         out[f"f32/{rows}"] = ops.quant_linear(x, f32, torch.empty(0), torch.empty(0), "F32")
         torch.testing.assert_close(out[f"f32/{rows}"], x @ w.t(), rtol=1e-4, atol=1e-4)
+    out.update(_kv_cache_writes(ops, gen))
+    return out
+
+
+def _kv_cache_writes(ops: ModuleType, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """K/V written into 16-bit caches (the F16C / AVX-512 / scalar conversions): torch's rounding."""
+    from pagedserve.attention.backends.cpu_fused import CpuPagedAttention
+
+    out = {}
+    k, v = (torch.randn(40, 2, 24, generator=gen) * torch.logspace(-6, 5, 40).view(40, 1, 1) for _ in range(2))
+    slots = torch.randperm(9 * 16, generator=gen)[:40]
+    exact = CpuPagedAttention(ops).allocate_kv_cache(9, 16, 2, 24, torch.float32, torch.device("cpu"))
+    ops.write_kv(*exact, k, v, slots)
+    for dtype in (torch.float16, torch.bfloat16):
+        cache = CpuPagedAttention(ops).allocate_kv_cache(9, 16, 2, 24, dtype, torch.device("cpu"))
+        ops.write_kv(*cache, k, v, slots)
+        for half, full in zip(cache, exact, strict=True):
+            assert torch.equal(half.view(torch.int16), full.to(dtype).view(torch.int16))
+        out[f"kv/{dtype}"] = torch.cat([c.flatten().view(torch.int16) for c in cache])
     return out
 
 
@@ -55,10 +74,13 @@ def greedy_tokens(model_dir: str) -> torch.Tensor:
     """The whole engine (decoder stack, attention, norms) on a tiny model: greedy tokens."""
     from pagedserve import LLM, SamplingParams
 
-    llm = LLM(model_dir, num_blocks=64, block_size=4)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 20, 7)]
-    return torch.tensor([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    tokens = []
+    for kv_cache_dtype in ("auto", "float16", "bfloat16"):  # attention over each cache element type
+        llm = LLM(model_dir, num_blocks=64, block_size=4, kv_cache_dtype=kv_cache_dtype)
+        tokens.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+    return torch.tensor(tokens)
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """Attention backends. Each owns its KV cache layout, its batch order and its per-step metadata:
 
     allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, device) -> (k_cache, v_cache)
+        (dtype is the cache's own, kv_cache_dtype, which may differ from the model's)
     reorder_batch(query_lens) -> the order of the step's requests in the flat batch
     build_metadata(CommonAttentionMetadata) -> whatever its __call__ reads
     __call__(q, k, v, k_cache, v_cache, metadata, scale) -> attention output

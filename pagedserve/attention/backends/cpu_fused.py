@@ -1,5 +1,8 @@
 """Paged attention with the fused CPU kernels (float32 on CPU; see pagedserve/kernels).
 
+The cache may be float32, float16 or bfloat16 (kv_cache_dtype): the kernels round K/V to it as they
+write them and widen them back to float32 as they read them; everything else stays float32.
+
 K/V writes and attention read the cache in place through each request's block table, so no padded
 copy of the batch's context is gathered per layer. The K cache keeps each block transposed,
 [head_dim, block_size], so one block's scores are head_dim SIMD multiply-adds across its slots.

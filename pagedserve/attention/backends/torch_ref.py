@@ -1,5 +1,9 @@
 """Paged attention in plain PyTorch: any dtype, any device (the reference backend).
 
+The cache may hold another dtype than the model's (kv_cache_dtype): K/V are rounded to it as they are
+written, and the attention reads them back converted to the model's dtype, so its arithmetic is the
+model's whatever the cache holds (the fused CPU kernels do the same).
+
 Cache layout per layer: [kv_heads, num_blocks, block_size, head_dim]. Gathering a batch's blocks
 through its block tables (`cache[:, tables]`) then yields [kv_heads, B, L, head_dim] contiguous, which
 feeds batched matmuls directly (no transpose copies). New K/V are written at their slots first, so
@@ -76,12 +80,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """k: [T, kv_heads, head_dim] → the slots (block * block_size + offset) of every head."""
     kv_heads, head_dim = k_cache.shape[0], k_cache.shape[-1]
-    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
+    k_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(kv_heads, -1, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[kv_heads, length, head_dim] of one request, read through its block table."""
+    """[kv_heads, length, head_dim] of one request, read through its block table (in the cache's dtype)."""
     return cache[:, block_table].flatten(1, 2)[:, :length]
 
 
@@ -104,8 +108,8 @@ def decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, 
     group = num_heads // kv_heads
     # index_select on the (head, block) axis is the fastest contiguous gather in plain torch.
     shape = (kv_heads, nd, -1, head_dim)
-    keys = k_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)  # [kvh, B, L, d]
-    values = v_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape)
+    keys = k_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape).to(q.dtype)  # [kvh, B, L, d]
+    values = v_cache.flatten(0, 1).index_select(0, meta.decode_gather_index).view(shape).to(q.dtype)
     # Query heads are grouped by the KV head they share (as HF's repeat_kv orders them).
     queries = q[:nd].view(nd, kv_heads, group, head_dim).transpose(0, 1)  # [kvh, B, group, d]
     scores = torch.matmul(queries, keys.transpose(-1, -2)).mul_(scale)  # [kvh, B, group, L]
@@ -121,12 +125,14 @@ def prefill_attention(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     for seg in meta.prefills:
         sl = slice(seg.start, seg.start + seg.length)
         qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, heads, Lq, d]
-        if seg.context_len == seg.length:  # whole prompt in this step: keys are the new tokens
+        if seg.context_len == seg.length:  # whole prompt in this step: keys are the new tokens, as cached
             ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+            if k_cache.dtype != q.dtype:  # the cache's rounding, so a prompt sees what later chunks will
+                ks, vs = ks.to(k_cache.dtype).to(q.dtype), vs.to(v_cache.dtype).to(q.dtype)
             mask, causal = None, True
         else:  # a later chunk: attend to the cached prefix plus this chunk, causally
-            ks = gather_context(k_cache, seg.block_table, seg.context_len)
-            vs = gather_context(v_cache, seg.block_table, seg.context_len)
+            ks = gather_context(k_cache, seg.block_table, seg.context_len).to(q.dtype)
+            vs = gather_context(v_cache, seg.block_table, seg.context_len).to(q.dtype)
             rows = torch.arange(seg.length, device=q.device).unsqueeze(1) + (seg.context_len - seg.length)
             mask, causal = torch.arange(seg.context_len, device=q.device).unsqueeze(0) <= rows, False
         ks, vs = ks.unsqueeze(0), vs.unsqueeze(0)
