@@ -31,6 +31,9 @@
 
 #include "simd.h"
 
+#ifndef PAGEDSERVE_W8A8_AVX2_ROWS
+#define PAGEDSERVE_W8A8_AVX2_ROWS 2
+#endif
 #ifndef PAGEDSERVE_W8A8_PREFETCH
 #define PAGEDSERVE_W8A8_PREFETCH 2048
 #endif
@@ -115,6 +118,37 @@ void sub_panel_direct(const float* x, int64_t K, Panel panel, int64_t nb, int64_
   for (int r = 0; r < R; ++r) simd::store(out + r * ldo + sub * kLanes, S::kRowScale ? simd::mul(acc[r], scale) : acc[r]);
 }
 
+// One or two rows on an 8-lane level: all of a panel's vectors of features in one pass, so that
+// 4 or 8 accumulators are independent (a fused multiply-add waits 4 cycles for the previous one into
+// the same register: one row's single chain left the FMA units idle). The same k order as above.
+template <Format F, int R>
+void panel_direct_wide(const float* x, int64_t K, Panel panel, int64_t nb, float* out, int64_t ldo) {
+  using S = Spec<F>;
+  VecF acc[R][kSubs];
+  for (int r = 0; r < R; ++r)
+    for (int s = 0; s < kSubs; ++s) acc[r][s] = simd::zero();
+  for (int64_t kb = 0; kb < nb; ++kb) {
+    const uint8_t* q = panel.codes + kb * S::kCodeRows * kPanel;
+    const uint8_t* ahead = panel.codes + (kb + kPrefetchBlocks) * S::kCodeRows * kPanel;
+    for (int64_t j = 0; j < S::kBlock; ++j) {
+      if (j < S::kCodeRows / 2 && kb + kPrefetchBlocks < nb) simd::prefetch(ahead + j * 64);
+      const int64_t k = kb * S::kBlock + j;
+      for (int s = 0; s < kSubs; ++s) {
+        const VecF scale = S::kRowScale ? simd::zero() : simd::load(panel.d + kb * kPanel + s * kLanes);
+        const VecF min = S::kMin ? simd::load(panel.m + kb * kPanel + s * kLanes) : simd::zero();
+        const VecF w = S::expand(q + s * kLanes, j, scale, min);
+        for (int r = 0; r < R; ++r) acc[r][s] = simd::fmadd(simd::set1(x[r * K + k]), w, acc[r][s]);
+      }
+    }
+  }
+  for (int s = 0; s < kSubs; ++s) {
+    const VecF scale = S::kRowScale ? simd::load(panel.d + s * kLanes) : simd::zero();
+    for (int r = 0; r < R; ++r)
+      simd::store(out + r * ldo + s * kLanes, S::kRowScale ? simd::mul(acc[r][s], scale) : acc[r][s]);
+  }
+}
+constexpr int64_t kWideMaxRows = kLanes == 8 ? 2 : 0;
+
 template <Format F>
 using DirectFn = void (*)(const float*, int64_t, Panel, int64_t, int64_t, float*, int64_t);
 
@@ -182,6 +216,14 @@ void block_linear(const float* x, int64_t M, int64_t K, const uint8_t* codes, co
     const float* dp = S::kRowScale ? d + p * kPanel : d + p * nb * kPanel;
     return Panel{codes + p * nb * S::kCodeRows * kPanel, dp, m ? m + p * nb * kPanel : nullptr};
   };
+  if (M <= kWideMaxRows) {
+    at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        M == 1 ? panel_direct_wide<F, 1>(x, K, panel(p), nb, out + p * kPanel, N)
+               : panel_direct_wide<F, 2>(x, K, panel(p), nb, out + p * kPanel, N);
+    });
+    return;
+  }
   if (M <= kDirectMaxRows) {
     static constexpr auto table = direct_table<F>(std::make_integer_sequence<int, kDirectMaxRows>{});
     const DirectFn<F> fn = table[M - 1];
@@ -339,6 +381,8 @@ void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int32_t* corr
   for (int r = 0; r < R; ++r)
     for (int h = 0; h < 2; ++h) _mm512_storeu_ps(out + r * ldo + h * 16, acc[r][h]);
 #elif defined(__AVX2__)
+  // Float sums live in memory (touched once per block); the int32 sums and each row's four bytes of
+  // x stay in registers, each weight vector is loaded once for all R rows.
   __m256 acc[R][4];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < 4; ++v) acc[r][v] = _mm256_setzero_ps();
@@ -350,21 +394,28 @@ void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int32_t* corr
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < 4; ++v) isum[r][v] = _mm256_setzero_si256();
     for (int64_t kq = b * 8; kq < b * 8 + 8; ++kq) {
-      __m256i wv[4];
-      for (int v = 0; v < 4; ++v) wv[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kq * 128 + v * 32));
+      simd::prefetch(w + kq * 128 + kW8A8PrefetchBytes);
+      simd::prefetch(w + kq * 128 + kW8A8PrefetchBytes + 64);
+      __m256i xb[R];
       for (int r = 0; r < R; ++r) {
         int32_t four;
         std::memcpy(&four, xq + r * K + kq * 4, 4);
-        const __m256i xb = _mm256_set1_epi32(four);
-#if defined(__AVXVNNI__)
-        for (int v = 0; v < 4; ++v) isum[r][v] = _mm256_dpbusd_avx_epi32(isum[r][v], wv[v], xb);  // biased weights
-#else
-        // |x| as the unsigned side, w with x's sign: pairs of products stay within int16 (127 * 127 * 2).
-        const __m256i ax = _mm256_sign_epi8(xb, xb);
-        for (int v = 0; v < 4; ++v)
-          isum[r][v] = _mm256_add_epi32(isum[r][v],
-                                        _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv[v], xb)), ones));
+        xb[r] = _mm256_set1_epi32(four);
+      }
+#if !defined(__AVXVNNI__)
+      __m256i ax[R];  // |x| as the unsigned side, w with x's sign: pairs of products stay within int16
+      for (int r = 0; r < R; ++r) ax[r] = _mm256_sign_epi8(xb[r], xb[r]);
 #endif
+      for (int v = 0; v < 4; ++v) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + kq * 128 + v * 32));
+        for (int r = 0; r < R; ++r) {
+#if defined(__AVXVNNI__)
+          isum[r][v] = _mm256_dpbusd_avx_epi32(isum[r][v], wv, xb[r]);  // biased weights: the unsigned side
+#else
+          isum[r][v] = _mm256_add_epi32(
+              isum[r][v], _mm256_madd_epi16(_mm256_maddubs_epi16(ax[r], _mm256_sign_epi8(wv, xb[r])), ones));
+#endif
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -394,6 +445,8 @@ void w8a8_tile(const int8_t* xq, int64_t K, const float* sx, const int32_t* corr
 constexpr int64_t kW8A8Rows =
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     6;  // 12 int32 and 12 float32 accumulators
+#elif defined(__AVX2__)
+    PAGEDSERVE_W8A8_AVX2_ROWS;  // 4 int32 sums per row in registers
 #else
     1;
 #endif

@@ -1,6 +1,6 @@
-"""The kernels built for CPUs other than this one: an AVX2-only x86-64 (haswell) and the baseline
-x86-64 (plain C++ paths). Each build runs in a subprocess and must give the native build's results
-bit for bit (every SIMD level does the same per-lane operations in the same order) and the PyTorch
+"""The kernels built for CPUs other than this one: an AVX2-only x86-64 (haswell), AVX2 with AVX-VNNI
+(alderlake, where this CPU can run it) and the baseline x86-64 (plain C++ paths). Each build runs in a
+subprocess and must give the native build's results bit for bit (every SIMD level does the same per-lane operations in the same order) and the PyTorch
 results within float tolerance (checked inside the subprocess), so CI on an AVX-512 machine still
 proves the AVX2 and fallback code. Each build compiles the extension once (about a minute)."""
 
@@ -23,10 +23,21 @@ ops = cpu_ops()
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64" or ops is None, reason="x86-64 targets, built with the native compiler")
-@pytest.mark.parametrize(("arch", "levels"), [("haswell", {"avx2/avx2"}), ("x86-64", {"generic/generic"})])
+@pytest.mark.parametrize(("arch", "levels"), [("haswell", {"avx2/avx2"}), ("alderlake", {"avx2/avx_vnni"}),
+                                              ("x86-64", {"generic/generic"})])
 def test_build_for_another_cpu_gives_the_native_results(arch, levels, tmp_path, tiny_llama_dir):
+    if arch == "alderlake" and "avx_vnni" not in _cpu_flags():
+        pytest.skip("this CPU has no AVX-VNNI to run an alderlake build on")
     out = tmp_path / "outputs.pt"
     env = {**os.environ, "PAGEDSERVE_CPU_ARCH": arch, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "tests.kernels.kernel_outputs", str(out), str(tiny_llama_dir)],
