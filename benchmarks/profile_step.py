@@ -11,7 +11,7 @@ With the C++ decoder stack (the default on CPU) the layers are one call, timed a
 PAGEDSERVE_DECODER_STACK=0 for the per-kernel split of the Python layer loop, or
 PAGEDSERVE_CPU_KERNELS=0 for the plain-PyTorch path.
 
-    .venv/bin/python benchmarks/profile_step.py --batch 16 --context 200 --steps 30
+    .venv/bin/python benchmarks/profile_step.py --batch 16 --context 200 --steps 30 [--model M --quantization w8a8]
 """
 
 from __future__ import annotations
@@ -65,12 +65,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--context", type=int, default=200, help="prompt tokens per request")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--quantization", default=None, help="e.g. int8, w8a8 (a float checkpoint)")
     args = ap.parse_args()
 
     fused_seconds: dict[str, float] = defaultdict(float)
     if (kernels := pagedserve.kernels.cpu_ops()) is not None:
         pagedserve.kernels._state["ops"] = _TimedKernels(kernels, fused_seconds)
-    llm = LLM("smollm2-135m", max_num_seqs=args.batch)
+    llm = LLM(args.model, max_num_seqs=args.batch, quantization=args.quantization)
     engine = llm.engine
     for module in engine.model.modules():  # the layers' C++ calls, as the Python loop makes them
         if isinstance(module, Linear) and module.fused_linear is not None:

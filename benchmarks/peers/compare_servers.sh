@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/peers/compare_servers.sh
 #   SERVERS="pagedserve llama-server" REQUESTS=32 RATE=1 SCALE=0.25 bash benchmarks/peers/compare_servers.sh
+#   PAGEDSERVE_ARGS="--model HF_DIR --quantization w8a8" GGUF=model.Q8_0.gguf MAX_SEQS=64 bash ...compare_servers.sh
 #
 # Needs setup_llama_cpp.sh / setup_vllm_cpu.sh to have run for those servers (a missing peer is skipped
 # with a message). Results: $OUT/<server>/ (one report each) and $OUT/compare/report.md (all of them).
@@ -46,7 +47,7 @@ for server in $SERVERS; do
     case "$server" in
         pagedserve)
             cmd=("$PROJECT_PY" -m pagedserve.entrypoints.cli serve --model "$MODEL_NAME" --host 127.0.0.1
-                 --port "$port" --max-num-seqs "$MAX_SEQS" --log-level warning) ;;
+                 --port "$port" --max-num-seqs "$MAX_SEQS" --log-level warning ${PAGEDSERVE_ARGS:-}) ;;
         llama-server)
             [[ -x "$LLAMA_SERVER_BIN" ]] || { echo "skip llama-server: run setup_llama_cpp.sh first" >&2; continue; }
             cmd=(env PORT="$port" bash "$PEERS_DIR/start_llama_server.sh") ;;

@@ -12,6 +12,7 @@
 
 #include "cpu_ops.h"
 #include "quant_linear.h"
+#include "vec16.h"
 
 #include <sys/mman.h>
 #if defined(__F16C__) || defined(__AVX512F__)
@@ -44,29 +45,30 @@ inline float sum_squares(const float* a, int64_t n) {
   return s;
 }
 
-// 16 floats as one value: GCC/Clang lower it to one AVX-512 register (or two AVX2 ones), so the
-// hot loops below are SIMD by construction rather than at the auto-vectorizer's discretion.
-typedef float vf16 __attribute__((vector_size(64)));
-typedef int32_t vi16 __attribute__((vector_size(64)));
+// vf16 (vec16.h): 16 floats as one value, one AVX-512 register or two AVX2 ones, so the hot loops
+// below are SIMD by construction rather than at the auto-vectorizer's discretion.
 
-inline vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf16 load16(const float* p) { return vload(p); }
+inline void store16(float* p, vf16 v) { vstore(p, v); }
 inline float hsum16(vf16 v) {
   float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += v[l];
+  for (int l = 0; l < 16; ++l) s += lane(v, l);
   return s;
 }
+
+// Registers hold 32 vf16 with AVX-512 but 8 elsewhere (a vf16 is two AVX2 registers): the attention
+// kernels size their sets of accumulators by this, so that they do not spill to the stack.
+constexpr int64_t kVf16Registers =
+#if defined(__AVX512F__)
+    32;
+#else
+    8;
+#endif
 
 // KV cache elements: float, at::Half or at::BFloat16. load16 widens 16 of them to a vf16 (exactly),
 // store16 narrows with round-to-nearest-even, as torch's .to(dtype) does, so either path writes the
 // same bits. The F16C / AVX-512 intrinsics do it 8 or 16 lanes at a time; elsewhere c10's scalar
 // conversion does (GCC 12 scalarizes _Float16 vector conversions anyway).
-typedef uint32_t vu16 __attribute__((vector_size(64)));
-typedef uint16_t vw16 __attribute__((vector_size(32)));
 
 inline float to_float(float x) { return x; }
 inline float to_float(at::Half x) { return static_cast<float>(x); }
@@ -83,14 +85,11 @@ inline vf16 load16(const at::Half* p) {
 #elif defined(__F16C__)
   const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-  vf16 v;
-  std::memcpy(&v, &lo, sizeof(lo));
-  std::memcpy(reinterpret_cast<char*>(&v) + sizeof(lo), &hi, sizeof(hi));
-  return v;
+  return vf16{reinterpret_cast<vf8>(lo), reinterpret_cast<vf8>(hi)};
 #else  // no portable 16-bit float vector type in C++ (GCC 12 has no _Float16 there, e.g. on ARM)
-  vf16 v;
-  for (int l = 0; l < 16; ++l) v[l] = to_float(p[l]);
-  return v;
+  float f[16];
+  for (int l = 0; l < 16; ++l) f[l] = to_float(p[l]);
+  return load16(f);
 #endif
 }
 
@@ -99,9 +98,9 @@ inline vf16 load16(const at::BFloat16* p) {  // bfloat16 is the top half of a fl
   const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   return reinterpret_cast<vf16>(_mm512_slli_epi32(u, 16));
 #else
-  vw16 w;
-  std::memcpy(&w, p, sizeof(w));
-  return reinterpret_cast<vf16>(__builtin_convertvector(w, vu16) << 16);
+  uint32_t u[16];
+  for (int l = 0; l < 16; ++l) u[l] = static_cast<uint32_t>(p[l].x) << 16;
+  return vload(reinterpret_cast<const float*>(u));
 #endif
 }
 
@@ -110,22 +109,21 @@ inline void store16(at::Half* p, vf16 v) {
   const __m256i h = _mm512_cvtps_ph(reinterpret_cast<__m512>(v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
 #elif defined(__F16C__)
-  __m256 lo, hi;
-  std::memcpy(&lo, &v, sizeof(lo));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+  const __m256 lo = reinterpret_cast<__m256>(v.lo), hi = reinterpret_cast<__m256>(v.hi);
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  for (int l = 0; l < 16; ++l) p[l] = from_float<at::Half>(v[l]);
+  for (int l = 0; l < 16; ++l) p[l] = from_float<at::Half>(lane(v, l));
 #endif
 }
 
 inline void store16(at::BFloat16* p, vf16 v) {  // round to nearest even; NaN stays a (quiet) NaN
-  const vu16 u = reinterpret_cast<vu16>(v);
+  const vu16 u = vbits<vu16>(v);
   const vu16 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  const vu16 nan = reinterpret_cast<vu16>(v != v);
-  const vw16 w = __builtin_convertvector((rounded & ~nan) | (0x7FC0u & nan), vw16);
-  std::memcpy(p, &w, sizeof(w));
+  const vu16 nan = vbits<vu16>(v != v);
+  uint32_t bits[16];
+  vstore(reinterpret_cast<float*>(bits), vbits<vf16>((rounded & ~nan) | (0x7FC0u & nan)));
+  for (int l = 0; l < 16; ++l) p[l].x = static_cast<uint16_t>(bits[l]);  // the compiler packs these
 }
 
 // Calls fn(std::type_identity<T>{}) with T the element type of a KV cache of that dtype.
@@ -144,8 +142,8 @@ void dispatch_cache_type(at::ScalarType dtype, Fn&& fn) {
 template <typename V>
 inline V cephes_exp(V x) {
   const V lo = x - x - 87.3f, hi = x - x + 88.7f;  // (x - x) makes the constants the right shape
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
+  x = vselect(x < lo, lo, x);
+  x = vselect(x > hi, hi, x);
   const V n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
@@ -158,7 +156,7 @@ inline V cephes_exp(V x) {
   if constexpr (std::is_same_v<V, float>) {
     return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
   } else {
-    return p * reinterpret_cast<vf16>((__builtin_convertvector(n, vi16) + 127) << 23);
+    return p * vbits<vf16>((vconvert<vi16>(n) + 127) << 23);
   }
 }
 
@@ -326,25 +324,32 @@ void decode_item_fast(float* out, const float* qh, int64_t q_head_stride, const 
     const float inv = 1.f / exp_shifted_inplace(sg, len, mx);
     for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
   }
-  vf16 acc[G][kVecs] = {};
-  for (int64_t n = 0; n < nblocks; ++n) {
-    const T* vb = vc + (head_base + table[n]) * kBlockElems;  // [16][D]
-    const T* ahead = stream_block(nblocks + n + kAheadT);
-    const int64_t rows = std::min(kBs, len - n * kBs);
-    for (int64_t r = 0; r < kBs; ++r) {
-      for (int64_t j = 0; j < kLinesPerRow; ++j) prefetch_line(reinterpret_cast<const char*>(ahead + r * D) + j * kLine);
-      if (r >= rows) continue;
-      const int64_t t = n * kBs + r;
-      vf16 v[kVecs];
-      for (int64_t j = 0; j < kVecs; ++j) v[j] = load16(vb + r * D + j * 16);
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = scores[g * padded + t];
-        for (int64_t j = 0; j < kVecs; ++j) acc[g][j] += p * v[j];
+  // The V sums: all D columns in one pass where the G x D accumulators fit in registers, else one
+  // 16-column slice per pass over the blocks (each sum still adds t = 0..len-1 in order).
+  constexpr int64_t kSlice = G * kVecs + kVecs <= kVf16Registers ? kVecs : 1;
+  for (int64_t j0 = 0; j0 < kVecs; j0 += kSlice) {
+    vf16 acc[G][kSlice] = {};
+    for (int64_t n = 0; n < nblocks; ++n) {
+      const T* vb = vc + (head_base + table[n]) * kBlockElems;  // [16][D]
+      const T* ahead = stream_block(nblocks + n + kAheadT);
+      const int64_t rows = std::min(kBs, len - n * kBs);
+      for (int64_t r = 0; r < kBs; ++r) {
+        if (j0 == 0)
+          for (int64_t j = 0; j < kLinesPerRow; ++j)
+            prefetch_line(reinterpret_cast<const char*>(ahead + r * D) + j * kLine);
+        if (r >= rows) continue;
+        const int64_t t = n * kBs + r;
+        vf16 v[kSlice];
+        for (int64_t j = 0; j < kSlice; ++j) v[j] = load16(vb + r * D + (j0 + j) * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[g * padded + t];
+          for (int64_t j = 0; j < kSlice; ++j) acc[g][j] += p * v[j];
+        }
       }
     }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < kSlice; ++j) store16(out + g * D + (j0 + j) * 16, acc[g][j]);
   }
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t j = 0; j < kVecs; ++j) store16(out + g * D + j * 16, acc[g][j]);
 }
 
 // Any shape, plain loops.
@@ -529,23 +534,30 @@ void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_ro
       const float inv = 1.f / exp_shifted_inplace(sg, len, mx);
       for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
     }
-    vf16 acc[G][kVecs] = {};
-    for (int64_t t = 0; t < len; ++t) {
-      const T* vt = vc + ((head_base + table[t / kBs]) * kBs + t % kBs) * D;
-      vf16 v[kVecs];
-      for (int64_t c = 0; c < kVecs; ++c) v[c] = load16(vt + c * 16);
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = scores[(j * G + g) * padded + t];
-        for (int64_t c = 0; c < kVecs; ++c) acc[g][c] += p * v[c];
+    constexpr int64_t kSlice = G * kVecs + kVecs <= kVf16Registers ? kVecs : 1;  // as in decode
+    for (int64_t c0 = 0; c0 < kVecs; c0 += kSlice) {
+      vf16 acc[G][kSlice] = {};
+      for (int64_t t = 0; t < len; ++t) {
+        const T* vt = vc + ((head_base + table[t / kBs]) * kBs + t % kBs) * D;
+        vf16 v[kSlice];
+        for (int64_t c = 0; c < kSlice; ++c) v[c] = load16(vt + (c0 + c) * 16);
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = scores[(j * G + g) * padded + t];
+          for (int64_t c = 0; c < kSlice; ++c) acc[g][c] += p * v[c];
+        }
       }
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t c = 0; c < kSlice; ++c) store16(out + j * out_row + g * D + (c0 + c) * 16, acc[g][c]);
     }
-    for (int64_t g = 0; g < G; ++g)
-      for (int64_t c = 0; c < kVecs; ++c) store16(out + j * out_row + g * D + c * 16, acc[g][c]);
   }
 }
 
-// Tokens per tile: about 12 query vectors (registers for their scores), at least one token.
-constexpr int64_t prefill_tokens_per_tile(int64_t group) { return group >= 12 ? 1 : 12 / group; }
+// Tokens per tile: query vectors whose score accumulators fit in registers (12 with AVX-512, 6 in
+// two-register vf16s), at least one token.
+constexpr int64_t prefill_tokens_per_tile(int64_t group) {
+  constexpr int64_t kScores = kVf16Registers * 3 / 8;
+  return group >= kScores ? 1 : kScores / group;
+}
 
 template <typename T>
 struct PrefillKernels {
@@ -737,12 +749,12 @@ at::Tensor argmax_rows(const at::Tensor& logits) {
         vi16 vnan = vmax != vmax;
         for (i = 16; i + 16 <= V; i += 16) {
           const vf16 v = load16(row + i);
-          vmax = v > vmax ? v : vmax;
+          vmax = vselect(v > vmax, v, vmax);
           vnan |= v != v;
         }
         for (int l = 0; l < 16; ++l) {
-          m = vmax[l] > m ? vmax[l] : m;
-          nan |= vnan[l] != 0;
+          m = lane(vmax, l) > m ? lane(vmax, l) : m;
+          nan |= lane(vnan, l) != 0;
         }
       }
       for (; i < V; ++i) {
