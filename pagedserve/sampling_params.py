@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
 MAX_BEAM_WIDTH = 64
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
 
 
 def _is_number(value: object) -> bool:
@@ -33,12 +34,16 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # per prompt token: its logprob and the top-N at its position
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None and not isinstance(self.logit_bias, dict):
+            raise ValueError(f"logit_bias must be a mapping of token id to bias, got {self.logit_bias!r}")
+        self.logit_bias = dict(self.logit_bias) if self.logit_bias else None
         self._validate()
 
     def _validate(self) -> None:
@@ -79,6 +84,10 @@ class SamplingParams:
               "logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None", self.logprobs)
         check(self.prompt_logprobs is None or (is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
               "prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None", self.prompt_logprobs)
+        for token, bias in (self.logit_bias or {}).items():
+            check(is_int(token) and token >= 0, "logit_bias", "keyed by non-negative token ids", token)
+            check(is_num(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS, "logit_bias",
+                  f"biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]", bias)
 
     @property
     def greedy(self) -> bool:

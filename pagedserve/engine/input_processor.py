@@ -167,6 +167,9 @@ class InputProcessor:
         self.check_length(len(ids), params.max_tokens, prompt_field, max_tokens_field)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InputError("cache_salt must be a non-empty string", "cache_salt")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise InputError(f"logit_bias keys must be token ids in [0, {self.vocab_size}), got "
+                             f"{max(params.logit_bias)}", "logit_bias")
         if params.max_tokens is None:  # as much as fits
             params = replace(params, max_tokens=self.limit - len(ids))
         if params.n > 1 and len(ids) + params.n * params.max_tokens > self.capacity_tokens:

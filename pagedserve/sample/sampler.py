@@ -1,6 +1,6 @@
 """Sampler: logits of the rows that sample this step → next token ids (+ logprobs).
 
-Order of processing, per row: min_tokens masking, repetition/presence/frequency penalties,
+Order of processing, per row: min_tokens masking, logit_bias, repetition/presence/frequency penalties,
 temperature (0 = greedy), top-k, top-p (on the top-k renormalised distribution), min-p, sample.
 A seeded request's draw for its i-th output token comes from a generator seeded by (seed, i), so its
 text depends neither on the batch nor on how many rows a step samples for it: with speculative
@@ -41,6 +41,12 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: list[int], output_ids: lis
         logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> None:
+    """In place on one row [V]: OpenAI's logit_bias, each listed token's logit plus its bias."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=logits.device)
+    logits[ids] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+
+
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
     """logits [N, V] already divided by temperature → logits with excluded tokens at -inf."""
@@ -75,7 +81,7 @@ class Sampler:
                prefixes: list[list[int]] | None = None) -> SamplerOutput:
         params = [r.params for r in requests]
         simple = all(p.greedy and not p.needs_penalties and p.logprobs is None and p.min_tokens == 0
-                     for p in params)
+                     and not p.logit_bias for p in params)
         if simple:  # the common benchmark case: one argmax, no copies
             return SamplerOutput(self._argmax(logits).tolist(), [None] * len(requests))
 
@@ -90,6 +96,8 @@ class Sampler:
                     banned.append(req.eos_token_id)
                 if banned:
                     logits[i, banned] = float("-inf")
+            if p.logit_bias:
+                apply_logit_bias(logits[i], p.logit_bias)
             if p.needs_penalties:
                 apply_penalties(logits[i], req.prompt_token_ids, outputs[i],
                                 p.repetition_penalty, p.presence_penalty, p.frequency_penalty)

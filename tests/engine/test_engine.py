@@ -113,6 +113,8 @@ def test_bad_requests_are_refused_and_others_finish(tiny_llm):
         engine.add_request("bad", "hi", SamplingParams(temperature=-1))
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request("good", "hi", SamplingParams())
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add_request("bias", "hi", SamplingParams(logit_bias={10**9: 1.0}))
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -175,3 +177,18 @@ def test_half_precision_runs(tiny_llama_dir, dtype):
     assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, dtype)
     out = llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert all(len(o.outputs[0].token_ids) == 6 for o in out)
+
+
+def test_logit_bias_bans_and_forces_tokens_in_a_mixed_batch(tiny_llm):
+    """-100 on a token greedy decoding picks: it never appears; +100 on one token: every step takes it;
+    the unbiased request beside them keeps its own greedy output (no cross-request effect)."""
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    plain = tiny_llm.generate(["Hello world"], params, use_tqdm=False)[0].outputs[0].token_ids
+    banned = {t: -100.0 for t in set(plain)}
+    batch = tiny_llm.generate(["Hello world"] * 3, [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logit_bias=banned),
+        SamplingParams(temperature=0.8, seed=1, max_tokens=12, ignore_eos=True, logit_bias={42: 100.0}),
+        params], use_tqdm=False)
+    assert not set(batch[0].outputs[0].token_ids) & set(plain)
+    assert batch[1].outputs[0].token_ids == [42] * 12
+    assert batch[2].outputs[0].token_ids == plain

@@ -125,3 +125,18 @@ def test_seeded_draws_do_not_depend_on_the_batch():
     fresh = Request("d", [1], p, None, seed=7)
     rows = Sampler().sample(LOGITS.repeat(20, 1), [fresh] * 20, [solo[:j] for j in range(20)])
     assert rows.token_ids == solo
+
+
+def test_logit_bias_moves_the_listed_tokens_only():
+    p = SamplingParams(temperature=0, logit_bias={0: -100.0, 7: 4.0}, logprobs=2)
+    out = Sampler()(LOGITS.unsqueeze(0), [Request("r", [5], p, eos_token_id=None)])
+    biased = LOGITS.clone()
+    biased[0] -= 100.0
+    biased[7] += 4.0
+    assert out.token_ids == [7]  # -1.0 + 4.0 beats token 1's 1.5 once token 0 is banned
+    assert math.isclose(out.logprobs[0][0], torch.log_softmax(biased, 0)[7].item(), rel_tol=1e-5)
+    # sampled rows see the same biased distribution: a -100 token is never drawn
+    banned = SamplingParams(temperature=1.0, seed=3, logit_bias={0: -100.0, 1: -100.0})
+    draws = {Sampler()(LOGITS.unsqueeze(0), [Request(f"s{i}", [5], banned, eos_token_id=None)]).token_ids[0]
+             for i in range(200)}
+    assert not draws & {0, 1} and len(draws) > 2

@@ -22,3 +22,14 @@ def test_min_tokens_above_max_tokens_is_refused():
 def test_stop_string_is_normalised_to_list():
     p = SamplingParams(stop="###", temperature=0)
     assert p.stop == ["###"] and p.greedy and not p.needs_penalties
+
+
+@pytest.mark.parametrize("bias", [{1: 100.5}, {1: -101}, {-1: 5.0}, {"1": 5.0}, {1: "x"}, [1, 2]])
+def test_logit_bias_out_of_range_names_the_field(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
+
+
+def test_logit_bias_in_range_is_kept():
+    assert SamplingParams(logit_bias={3: 100, 4: -100.0}).logit_bias == {3: 100, 4: -100.0}
+    assert SamplingParams(logit_bias={}).logit_bias is None

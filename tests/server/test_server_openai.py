@@ -118,6 +118,23 @@ def test_completion_logprobs(client, server):
     assert streamed == lp.tokens
 
 
+def test_logit_bias(client, server):
+    """OpenAI's logit_bias (string token ids): +100 forces a token on completions and chat, streamed too;
+    -100 on it keeps it out of a greedy reply that would otherwise be made of it."""
+    forced = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0.7, seed=3,
+                                       logit_bias={"42": 100}, logprobs=0, extra_body={"ignore_eos": True})
+    tokens = forced.choices[0].logprobs.tokens
+    assert tokens == [tokens[0]] * 6
+    banned = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=0,
+                                       logit_bias={"42": -100, "43": 5}, extra_body={"ignore_eos": True})
+    assert tokens[0] not in banned.choices[0].logprobs.tokens
+    chat = list(client.chat.completions.create(model=server.model, messages=MESSAGES, max_completion_tokens=4,
+                                               logit_bias={"42": 100}, stream=True, logprobs=True,
+                                               extra_body={"ignore_eos": True}))
+    tokens = [lp.token for c in chat if c.choices and c.choices[0].logprobs for lp in c.choices[0].logprobs.content]
+    assert len(tokens) == 4 and len(set(tokens)) == 1
+
+
 def test_chat_logprobs(client, server):
     r = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=4, temperature=0,
                                        logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})

@@ -110,13 +110,22 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-        if req.logit_bias:
-            raise bad_request("logit_bias is not supported", "logit_bias")
         if req.stream and req.prompt_logprobs is not None:
             raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.inputs.encode(text, add_special_tokens)
+
+    @staticmethod
+    def logit_bias(wire: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI sends token ids as JSON object keys (strings); SamplingParams checks the biases."""
+        if not wire:
+            return None
+        try:
+            return {int(token): bias for token, bias in wire.items()}
+        except (TypeError, ValueError):
+            raise bad_request(f"logit_bias keys must be token ids (integers as strings), got {list(wire)!r}",
+                              "logit_bias") from None
 
     async def off_loop(self, size: int, fn: Callable[..., T], *args: object) -> T:
         """Run tokenizer work for a long input in a worker thread, so that the event loop keeps
@@ -152,7 +161,8 @@ class OpenAIServing:
                          "stream": req.stream, "stop": bool(req.stop), "stop_token_ids": bool(req.stop_token_ids),
                          "min_tokens": req.min_tokens != 0, "prompt_logprobs": req.prompt_logprobs is not None,
                          "logprobs": getattr(req, "logprobs", None) not in (None, False),
-                         "include_stop_str_in_output": req.include_stop_str_in_output}
+                         "include_stop_str_in_output": req.include_stop_str_in_output,
+                         "logit_bias": bool(req.logit_bias)}
         for name, set_ in sampling_only.items():
             if set_:
                 raise bad_request(f"{name} cannot be combined with use_beam_search", name)
@@ -185,7 +195,7 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos, logprobs=logprobs,
             prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens)
+            skip_special_tokens=req.skip_special_tokens, logit_bias=self.logit_bias(req.logit_bias))
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
         except ValueError as e:
