@@ -3,6 +3,7 @@
 from pagedserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
+from pagedserve.structured_output.params import StructuredOutputsParams
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "BeamSearchParams", "EngineConfig", "CacheConfig", "SchedulerConfig",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "EngineConfig", "CacheConfig", "SchedulerConfig",
            "RequestOutput", "CompletionOutput", "RequestMetrics", "Logprob", "__version__"]

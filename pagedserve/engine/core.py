@@ -28,11 +28,13 @@ from pagedserve.model.loader import (
     iter_quantized_rows,
     iter_weights,
     load_config,
+    load_tokenizer,
     resolve_model_path,
 )
 from pagedserve.model.registry import model_class_for
 from pagedserve.spec_decode.factory import build_speculator
 from pagedserve.spec_decode.stats import SpecDecodeStats
+from pagedserve.structured_output.manager import StructuredOutputManager
 from pagedserve.worker.model_runner import ModelRunner, kv_block_bytes
 
 
@@ -89,6 +91,13 @@ class EngineCore:
         self.record_steps = False
         self.step_records: list[StepRecord] = []
 
+    def structured_outputs(self) -> StructuredOutputManager:
+        """The grammar manager, built (with the tokenizer's vocabulary) at the first constrained request."""
+        if self.runner.structured is None:
+            self.runner.structured = StructuredOutputManager(load_tokenizer(self.model_path),
+                                                             self.model_config.vocab_size)
+        return self.runner.structured
+
     @property
     def capacity_tokens(self) -> int:
         return self.kv.pool.num_blocks * self.kv.block_size
@@ -96,6 +105,8 @@ class EngineCore:
     def add_request(self, request: EngineCoreRequest) -> None:
         req = Request(request.request_id, request.prompt_token_ids, request.params, request.eos_token_id,
                       request.arrival_time, request.seed, request.cache_salt)
+        if request.params.structured_outputs is not None:
+            self.structured_outputs().compile(request.params.structured_outputs)  # cached; errors before admission
         if request.beam_search is not None:
             self.scheduler.add_beam_search(req, request.beam_search)
         else:

@@ -26,6 +26,7 @@ from pagedserve.model.config import ModelConfig
 from pagedserve.sample.rejection_sampler import accept_prefix
 from pagedserve.sample.sampler import Sampler, SamplerOutput
 from pagedserve.spec_decode.speculator import Speculator
+from pagedserve.structured_output.manager import StructuredOutputManager
 from pagedserve.worker.flat_batch import TokenRun, build_flat_batch
 from pagedserve.worker.runner_output import ModelRunnerOutput
 
@@ -66,6 +67,7 @@ class ModelRunner:
         self.kv_caches = [self.backend.allocate_kv_cache(*args) for _ in range(cfg.num_hidden_layers)]
         self.sampler = Sampler(model.fused)
         self.speculator: Speculator | None = None  # set by the engine when speculative decoding is on
+        self.structured: StructuredOutputManager | None = None  # set at the first constrained request
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -124,6 +126,8 @@ class ModelRunner:
         self.backend.copy_blocks(self.kv_caches, sched.blocks_to_copy)  # before anything writes the copies
         if self.speculator is not None:
             self.speculator.proposer.copy_blocks(sched.blocks_to_copy)
+        if self.structured is not None:
+            self.structured.forget(sched.finished_req_ids)
         inputs = self.prepare_inputs(sched)
         hidden = self.speculator.proposer.forward(inputs) if self.speculator is not None else None
         if hidden is None:  # (a proposer may run the step itself, reusing its drafting work)
@@ -133,6 +137,8 @@ class ModelRunner:
         out = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         if inputs.sampled:
             logits = self.model.compute_logits(hidden[inputs.sample_indices])
+            if self.structured is not None:
+                self.structured.apply(logits, inputs.sampled, inputs.prefixes)
             result = self.sampler.sample(logits, inputs.sampled, inputs.prefixes)
             self._collect(out, inputs, result)
             out.logits_rows = {r.request_id: logits[i].float().clone() for i, r in enumerate(inputs.sampled)

@@ -1,0 +1,99 @@
+"""StructuredOutputManager: compiled grammars (xgrammar) and one matcher per constrained request; masks
+the rows of a step's logits so that only tokens the grammar allows next can be sampled.
+
+A matcher follows its request's output tokens: before each mask it accepts the tokens the request has
+gained since (so n > 1 forks, preemption and recomputation need no bookkeeping). A row that verifies
+speculative drafts is masked at the state after its drafts, found by accepting them and rolling back.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from pagedserve.core.request import Request
+from pagedserve.structured_output.params import StructuredOutputsParams
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        import xgrammar as xgr  # only engines that see a constrained request pay for the import
+
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self.vocab_size = vocab_size
+        self._compiled: dict[tuple[str, str], Any] = {}
+        self._matchers: dict[str, tuple[Any, list[int]]] = {}  # request id -> (matcher, tokens it accepted)
+        self.compile_seconds: list[float] = []  # one entry per grammar compiled (not per cache hit)
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """The compiled grammar, from the cache or compiled now; a bad grammar is a ValueError naming it."""
+        key = params.key()
+        if key in self._compiled:
+            return self._compiled[key]
+        kind, text = key
+        start = time.perf_counter()
+        try:
+            if kind == "json":
+                compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
+            elif kind == "json_object":
+                compiled = self._compiler.compile_builtin_json_grammar()
+            elif kind == "regex":
+                compiled = self._compiler.compile_regex(text)
+            elif kind == "choice":
+                import json
+
+                compiled = self._compiler.compile_grammar(
+                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text)))
+            else:
+                compiled = self._compiler.compile_grammar(text)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"structured_outputs.{kind} could not be compiled: {exc}") from None
+        self.compile_seconds.append(time.perf_counter() - start)
+        self._compiled[key] = compiled
+        return compiled
+
+    def _matcher(self, req: Request) -> Any:
+        entry = self._matchers.get(req.request_id)
+        if entry is None:
+            grammar = self.compile(req.params.structured_outputs)
+            entry = (self._xgr.GrammarMatcher(grammar), [])  # rollback depth is unlimited
+            self._matchers[req.request_id] = entry
+        matcher, accepted = entry
+        for token in req.output_token_ids[len(accepted):]:
+            if not matcher.is_terminated():
+                matcher.accept_token(token)  # refused only after the grammar ended (ignore_eos)
+            accepted.append(token)
+        return matcher
+
+    def apply(self, logits: torch.Tensor, rows: list[Request], prefixes: list[list[int]]) -> None:
+        """Mask, in place, the logits rows [N, V] of constrained requests (others are left alone)."""
+        constrained = [i for i, r in enumerate(rows) if r.params.structured_outputs is not None]
+        if not constrained:
+            return
+        xgr = self._xgr
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)  # all tokens allowed
+        for i in constrained:
+            matcher = self._matcher(rows[i])
+            taken = 0
+            for token in prefixes[i]:  # the drafts this row comes after
+                if not matcher.accept_token(token):
+                    break
+                taken += 1
+            if taken == len(prefixes[i]) and not matcher.is_terminated():
+                matcher.fill_next_token_bitmask(bitmask, i)
+            elif taken == len(prefixes[i]):  # the grammar is complete: only a stop token may follow
+                bitmask[i] = 0
+                for stop in matcher.stop_token_ids:
+                    bitmask[i, stop // 32] |= 1 << (stop % 32)
+            # else: a draft the grammar refuses; this row's token is never used (the draft is rejected)
+            if taken:
+                matcher.rollback(taken)
+        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=constrained)
+
+    def forget(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            self._matchers.pop(rid, None)
