@@ -30,28 +30,12 @@ class StructuredOutputManager:
         self.compile_seconds: list[float] = []  # one entry per grammar compiled (not per cache hit)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
-        """The compiled grammar, from the cache or compiled now; a bad grammar is a ValueError naming it."""
+        """The compiled grammar, from the cache or compiled now."""
         key = params.key()
         if key in self._compiled:
             return self._compiled[key]
-        kind, text = key
         start = time.perf_counter()
-        try:
-            if kind == "json":
-                compiled = self._compiler.compile_json_schema(text, any_whitespace=False)
-            elif kind == "json_object":
-                compiled = self._compiler.compile_builtin_json_grammar()
-            elif kind == "regex":
-                compiled = self._compiler.compile_regex(text)
-            elif kind == "choice":
-                import json
-
-                compiled = self._compiler.compile_grammar(
-                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text)))
-            else:
-                compiled = self._compiler.compile_grammar(text)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise ValueError(f"structured_outputs.{kind} could not be compiled: {exc}") from None
+        compiled = self._compiler.compile_grammar(params.to_grammar())  # params checked the grammar parses
         self.compile_seconds.append(time.perf_counter() - start)
         self._compiled[key] = compiled
         return compiled

@@ -46,6 +46,27 @@ class StructuredOutputsParams:
                                  f"got {value!r}")
         elif value is not True:
             raise ValueError(f"structured_outputs.json_object must be true, got {value!r}")
+        self.to_grammar()  # a grammar xgrammar cannot parse is refused here, before any engine sees it
+
+    def to_grammar(self) -> Any:
+        """The xgrammar Grammar (tokenizer-independent; the engine compiles it for its vocabulary)."""
+        import xgrammar as xgr
+
+        kind, text = self.key()
+        try:
+            if kind == "json":  # compact JSON: any_whitespace would let a model pad without end
+                return xgr.Grammar.from_json_schema(text, any_whitespace=False)
+            if kind == "json_object":
+                return xgr.Grammar.builtin_json_grammar()
+            if kind == "regex":
+                return xgr.Grammar.from_regex(text)
+            if kind == "choice":
+                return xgr.Grammar.from_ebnf(
+                    "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in json.loads(text)))
+            return xgr.Grammar.from_ebnf(text)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ValueError(f"structured_outputs.{kind} is not a grammar xgrammar accepts: "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
 
     @property
     def kind(self) -> str:

@@ -135,6 +135,44 @@ def test_logit_bias(client, server):
     assert len(tokens) == 4 and len(set(tokens)) == 1
 
 
+def test_structured_outputs(client, server):
+    """chat.completions.parse with a pydantic model, json_schema, json_object refusal of bad input,
+    vLLM's structured_outputs / guided_* fields, streamed and n=2: every reply matches."""
+    import re
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog"]
+        name: str = Field(max_length=6)
+        legs: int = Field(ge=0, le=8)
+        tags: list[Literal["a", "b"]] = Field(max_length=2)
+
+    parsed = client.chat.completions.parse(model=server.model, messages=MESSAGES, response_format=Pet,
+                                           max_completion_tokens=120, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Pet)
+    two = client.chat.completions.create(model=server.model, messages=MESSAGES, n=2, temperature=1.0, seed=4,
+                                         max_completion_tokens=120,
+                                         response_format={"type": "json_schema", "json_schema": {
+                                             "name": "pet", "schema": Pet.model_json_schema(), "strict": True}})
+    for c in two.choices:
+        Pet.model_validate_json(c.message.content)
+    streamed = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=20, temperature=0.9,
+                                         seed=1, stream=True, extra_body={"structured_outputs": {"regex": "[0-9]{4}"}})
+    assert re.fullmatch("[0-9]{4}", "".join(c.choices[0].text for c in streamed))
+    choice = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=8, temperature=0,
+                                       extra_body={"guided_choice": ["left", "right"]})
+    assert choice.choices[0].text in {"left", "right"}
+    for body, param in [({"response_format": {"type": "xml"}}, "response_format"),
+                        ({"structured_outputs": {"regex": "[bad"}}, "structured_outputs"),
+                        ({"structured_outputs": {"yaml": "x"}}, "structured_outputs"),
+                        ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice")]:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=server.model, prompt=PROMPT, max_tokens=4, extra_body=body)
+        assert err.value.body["param"] == param
+
+
 def test_chat_logprobs(client, server):
     r = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=4, temperature=0,
                                        logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})

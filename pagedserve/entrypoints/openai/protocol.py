@@ -42,6 +42,13 @@ class SamplingFields(OpenAIModel):
     frequency_penalty: float | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    # vLLM's extensions: {"json" | "regex" | "choice" | "grammar": ...}, and the older guided_* names
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # vLLM extensions
     top_k: int | None = None
     min_p: float | None = None

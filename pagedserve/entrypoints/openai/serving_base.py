@@ -24,6 +24,8 @@ from pagedserve.entrypoints.openai.errors import (
 from pagedserve.entrypoints.openai.protocol import SamplingFields
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
+from pagedserve.structured_output.params import KINDS as STRUCTURED_KINDS
+from pagedserve.structured_output.params import StructuredOutputsParams
 
 T = TypeVar("T")
 OFF_LOOP_CHARS = 8192
@@ -162,7 +164,8 @@ class OpenAIServing:
                          "min_tokens": req.min_tokens != 0, "prompt_logprobs": req.prompt_logprobs is not None,
                          "logprobs": getattr(req, "logprobs", None) not in (None, False),
                          "include_stop_str_in_output": req.include_stop_str_in_output,
-                         "logit_bias": bool(req.logit_bias)}
+                         "logit_bias": bool(req.logit_bias),
+                         "response_format": structured_outputs(req) is not None}
         for name, set_ in sampling_only.items():
             if set_:
                 raise bad_request(f"{name} cannot be combined with use_beam_search", name)
@@ -195,7 +198,8 @@ class OpenAIServing:
             ignore_eos=req.ignore_eos, logprobs=logprobs,
             prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens, logit_bias=self.logit_bias(req.logit_bias))
+            skip_special_tokens=req.skip_special_tokens, logit_bias=self.logit_bias(req.logit_bias),
+            structured_outputs=structured_outputs(req))
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
         except ValueError as e:
@@ -310,3 +314,43 @@ def sse(payload: str) -> str:
 
 SSE_DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
+
+
+def structured_outputs(req: SamplingFields) -> StructuredOutputsParams | None:
+    """The one grammar a request asks for, from OpenAI's response_format, vLLM's structured_outputs or
+    its older guided_* fields; 400 naming the field when it is malformed or more than one is given."""
+    given: list[tuple[str, dict]] = []
+    fmt = req.response_format
+    if fmt is not None:
+        kind = fmt.get("type")
+        if kind == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema.schema must be a JSON schema object", "response_format")
+            given.append(("response_format", {"json": schema}))
+        elif kind != "text":
+            raise bad_request(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                              "response_format")
+    if req.structured_outputs is not None:
+        unknown = set(req.structured_outputs) - set(STRUCTURED_KINDS)
+        if unknown:
+            raise bad_request(f"structured_outputs takes one of {', '.join(STRUCTURED_KINDS)}, got {sorted(unknown)}",
+                              "structured_outputs")
+        given.append(("structured_outputs", dict(req.structured_outputs)))
+    for kind in ("json", "regex", "choice", "grammar"):
+        value = getattr(req, f"guided_{kind}")
+        if value is not None:
+            given.append((f"guided_{kind}", {kind: value}))
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad_request(f"give one of response_format, structured_outputs, guided_*: got {[f for f, _ in given]}",
+                          given[1][0])
+    field, spec = given[0]
+    try:
+        return StructuredOutputsParams(**spec)
+    except (TypeError, ValueError) as exc:
+        raise bad_request(f"{field}: {exc}", field) from None
