@@ -71,8 +71,9 @@ class StructuredOutputManager:
                 matcher.fill_next_token_bitmask(bitmask, i)
             elif taken == len(prefixes[i]):  # the grammar is complete: only a stop token may follow
                 bitmask[i] = 0
-                for stop in matcher.stop_token_ids:
-                    bitmask[i, stop // 32] |= 1 << (stop % 32)
+                for stop in matcher.stop_token_ids:  # bit 31 of an int32 word is its sign
+                    bit = 1 << (stop % 32)
+                    bitmask[i, stop // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit
             # else: a draft the grammar refuses; this row's token is never used (the draft is rejected)
             if taken:
                 matcher.rollback(taken)

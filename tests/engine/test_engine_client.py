@@ -27,7 +27,8 @@ from pagedserve.outputs import CompletionOutput, RequestMetrics, RequestOutput
 SERVER_DIR = Path(pagedserve.__file__).parent / "entrypoints" / "openai"
 # What the server may import from the package: the client interface and plain data.
 ALLOWED = ("pagedserve.engine.protocol", "pagedserve.engine.async_engine", "pagedserve.engine.input_processor",
-           "pagedserve.outputs", "pagedserve.sampling_params", "pagedserve.entrypoints", "pagedserve.config")
+           "pagedserve.outputs", "pagedserve.sampling_params", "pagedserve.entrypoints", "pagedserve.config",
+           "pagedserve.structured_output.params")  # request parameters, like sampling_params
 ENGINE_INTERNALS = {"scheduler", "runner", "kv_caches", "kv_stats", "step_records", "output_processor", "core"}
 
 

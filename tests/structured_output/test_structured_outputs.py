@@ -122,3 +122,14 @@ def test_real_model_writes_the_schema():
     free = real.chat([[{"role": "user", "content": ask}]],
                      _params(StructuredOutputsParams(json_object=True), max_tokens=120), use_tqdm=False)[0]
     assert isinstance(json.loads(free.outputs[0].text), dict)
+
+
+def test_after_the_grammar_ends_only_stop_tokens_follow(llm):
+    """ignore_eos keeps decoding past the end of the grammar: every further token is a stop token."""
+    out = llm.generate(["Hello"], _params(StructuredOutputsParams(choice=["yes"]), max_tokens=8, ignore_eos=True,
+                                          temperature=1.0, seed=0), use_tqdm=False)[0].outputs[0]
+    eos = llm.engine.core.model_config.eos_token_id
+    stops = {eos} | set(llm.get_tokenizer().all_special_ids)
+    body = [t for t in out.token_ids if t not in stops]
+    assert out.text == "yes" and len(body) < len(out.token_ids)
+    assert out.token_ids[:len(body)] == body and set(out.token_ids[len(body):]) <= stops
