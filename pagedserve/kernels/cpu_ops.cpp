@@ -65,6 +65,12 @@ constexpr int64_t kVf16Registers =
     8;
 #endif
 
+// Columns of 16 per pass over V in attention's weighted sums: all kVecs where the G x kVecs
+// accumulators and one row of V fit in registers, else one (each sum still adds t = 0..len-1 in order).
+constexpr int64_t v_sum_slice(int64_t group, int64_t vecs) {
+  return group * vecs + vecs <= kVf16Registers ? vecs : 1;
+}
+
 // KV cache elements: float, at::Half or at::BFloat16. load16 widens 16 of them to a vf16 (exactly),
 // store16 narrows with round-to-nearest-even, as torch's .to(dtype) does, so either path writes the
 // same bits. The F16C / AVX-512 intrinsics do it 8 or 16 lanes at a time; elsewhere c10's scalar
@@ -123,7 +129,7 @@ inline void store16(at::BFloat16* p, vf16 v) {  // round to nearest even; NaN st
   const vu16 nan = vbits<vu16>(v != v);
   uint32_t bits[16];
   vstore(reinterpret_cast<float*>(bits), vbits<vf16>((rounded & ~nan) | (0x7FC0u & nan)));
-  for (int l = 0; l < 16; ++l) p[l].x = static_cast<uint16_t>(bits[l]);  // the compiler packs these
+  for (int l = 0; l < 16; ++l) p[l].x = static_cast<uint16_t>(bits[l]);
 }
 
 // Calls fn(std::type_identity<T>{}) with T the element type of a KV cache of that dtype.
@@ -324,9 +330,8 @@ void decode_item_fast(float* out, const float* qh, int64_t q_head_stride, const 
     const float inv = 1.f / exp_shifted_inplace(sg, len, mx);
     for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
   }
-  // The V sums: all D columns in one pass where the G x D accumulators fit in registers, else one
-  // 16-column slice per pass over the blocks (each sum still adds t = 0..len-1 in order).
-  constexpr int64_t kSlice = G * kVecs + kVecs <= kVf16Registers ? kVecs : 1;
+  // The V sums, v_sum_slice columns of 16 per pass over the blocks.
+  constexpr int64_t kSlice = v_sum_slice(G, kVecs);
   for (int64_t j0 = 0; j0 < kVecs; j0 += kSlice) {
     vf16 acc[G][kSlice] = {};
     for (int64_t n = 0; n < nblocks; ++n) {
@@ -534,7 +539,7 @@ void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_ro
       const float inv = 1.f / exp_shifted_inplace(sg, len, mx);
       for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
     }
-    constexpr int64_t kSlice = G * kVecs + kVecs <= kVf16Registers ? kVecs : 1;  // as in decode
+    constexpr int64_t kSlice = v_sum_slice(G, kVecs);
     for (int64_t c0 = 0; c0 < kVecs; c0 += kSlice) {
       vf16 acc[G][kSlice] = {};
       for (int64_t t = 0; t < len; ++t) {
@@ -555,7 +560,7 @@ void prefill_tile_fast(float* out, int64_t out_row, const float* q, int64_t q_ro
 // Tokens per tile: query vectors whose score accumulators fit in registers (12 with AVX-512, 6 in
 // two-register vf16s), at least one token.
 constexpr int64_t prefill_tokens_per_tile(int64_t group) {
-  constexpr int64_t kScores = kVf16Registers * 3 / 8;
+  constexpr int64_t kScores = kVf16Registers >= 32 ? 12 : 6;
   return group >= kScores ? 1 : kScores / group;
 }
 

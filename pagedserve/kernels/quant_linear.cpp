@@ -31,9 +31,6 @@
 
 #include "simd.h"
 
-#ifndef PAGEDSERVE_W8A8_AVX2_ROWS
-#define PAGEDSERVE_W8A8_AVX2_ROWS 2
-#endif
 #ifndef PAGEDSERVE_W8A8_PREFETCH
 #define PAGEDSERVE_W8A8_PREFETCH 2048
 #endif
@@ -446,7 +443,7 @@ constexpr int64_t kW8A8Rows =
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
     6;  // 12 int32 and 12 float32 accumulators
 #elif defined(__AVX2__)
-    PAGEDSERVE_W8A8_AVX2_ROWS;  // 4 int32 sums per row in registers
+    2;  // 4 int32 sums per row in registers
 #else
     1;
 #endif

@@ -26,7 +26,7 @@ class StructuredOutputManager:
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
         self._compiled: dict[tuple[str, str], Any] = {}
-        self._matchers: dict[str, tuple[Any, list[int]]] = {}  # request id -> (matcher, tokens it accepted)
+        self._matchers: dict[str, tuple[Any, int]] = {}  # request id -> (matcher, output tokens it has seen)
         self.compile_seconds: list[float] = []  # one entry per grammar compiled (not per cache hit)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
@@ -44,13 +44,12 @@ class StructuredOutputManager:
         entry = self._matchers.get(req.request_id)
         if entry is None:
             grammar = self.compile(req.params.structured_outputs)
-            entry = (self._xgr.GrammarMatcher(grammar), [])  # rollback depth is unlimited
-            self._matchers[req.request_id] = entry
-        matcher, accepted = entry
-        for token in req.output_token_ids[len(accepted):]:
+            entry = (self._xgr.GrammarMatcher(grammar), 0)  # rollback depth is unlimited
+        matcher, seen = entry
+        for token in req.output_token_ids[seen:]:
             if not matcher.is_terminated():
                 matcher.accept_token(token)  # refused only after the grammar ended (ignore_eos)
-            accepted.append(token)
+        self._matchers[req.request_id] = (matcher, len(req.output_token_ids))
         return matcher
 
     def apply(self, logits: torch.Tensor, rows: list[Request], prefixes: list[list[int]]) -> None:
