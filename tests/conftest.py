@@ -110,3 +110,48 @@ def smollm2_llm():
     from pagedserve import LLM
 
     return LLM("smollm2-135m", device=ENGINE_DEVICE)
+
+
+# A Hermes/Qwen-style chat template with tools: <tools> in the system turn, calls as <tool_call> JSON,
+# tool results as <tool_response> (what --tool-call-parser hermes reads).
+TOOL_CHAT_TEMPLATE = """{%- if tools %}<|im_start|>system
+You can call these functions:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+Call one as <tool_call>{"name": ..., "arguments": {...}}</tool_call>.<|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for call in message.tool_calls %}
+<tool_call>
+{"name": "{{ call.function.name }}", "arguments": {{ call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response id="{{ message.tool_call_id }}">
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+@pytest.fixture(scope="session")
+def tiny_tool_llama_dir(tmp_path_factory, tiny_llama_dir) -> Path:
+    """The tiny Llama with a chat template that shows tools."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-tool-llama") / "model"
+    shutil.copytree(tiny_llama_dir, folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = TOOL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(folder))
+    return folder

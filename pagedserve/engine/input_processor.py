@@ -12,7 +12,7 @@ from pagedserve.engine.core_messages import EngineCoreRequest
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = str | list[int] | dict
-Message = dict[str, str]
+Message = dict  # {"role", "content"} and, for tool turns, tool_calls / tool_call_id
 
 
 class InputError(ValueError):
@@ -106,14 +106,16 @@ class InputProcessor:
         raise InputError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}",
                          "prompt")
 
-    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        """The model's chat template over a conversation of {"role", "content"} messages."""
+    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        """The model's chat template over a conversation of {"role", "content"} messages, with the
+        tools (OpenAI function definitions) shown the way the template shows them."""
         if not conversation:
             raise InputError("messages must be a non-empty list", "messages")
         if not self.tokenizer.chat_template:
             raise InputError(f"model {self.model_name!r} has no chat template", "messages")
         ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
-                                                 tokenize=True)
+                                                 tokenize=True, tools=tools)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)

@@ -57,7 +57,9 @@ class StructuredOutputsParams:
             if kind == "json":  # compact JSON: any_whitespace would let a model pad without end
                 return xgr.Grammar.from_json_schema(text, any_whitespace=False)
             if kind == "json_object":
-                return xgr.Grammar.builtin_json_grammar()
+                # OpenAI's json_object is an object (xgrammar's builtin JSON grammar takes any value),
+                # written compactly for the same reason as schemas
+                return xgr.Grammar.from_json_schema('{"type": "object"}', any_whitespace=False)
             if kind == "regex":
                 return xgr.Grammar.from_regex(text)
             if kind == "choice":

@@ -145,8 +145,11 @@ def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> Fast
         serving.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise bad_request("give exactly one of prompt and messages", "prompt")
+        if body.tools is not None and body.messages is None:
+            raise bad_request("tools need messages", "tools")
         if body.messages is not None:
-            ids = apply_chat_template(serving.inputs, body.messages, body.add_generation_prompt)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None
+            ids = apply_chat_template(serving.inputs, body.messages, body.add_generation_prompt, tools)
         else:
             ids = serving.encode(body.prompt or "", body.add_special_tokens)
         return TokenizeResponse(count=len(ids), max_model_len=info.max_model_len, tokens=ids)

@@ -11,6 +11,8 @@ import signal
 
 from pagedserve.entrypoints.cli import add_engine_args, engine_kwargs
 
+TOOL_CALL_PARSERS = ("hermes",)  # tool_calls.TOOL_CALL_PARSERS; repeated so --help needs no web stack
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server")
@@ -29,6 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-request-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM before they are aborted")
+    g.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let tool_choice "auto" (the default with tools) parse the model\'s own tool calls; '
+                        "needs --tool-call-parser")
+    g.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
+                   help="the model's tool-call format for tool_choice auto (hermes: <tool_call>{...}</tool_call>, "
+                        "as Hermes and Qwen models write it)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
@@ -47,11 +55,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: "
+                         f"{', '.join(TOOL_CALL_PARSERS)})")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine_config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
     config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key or None,
                           max_queued_requests=args.max_queued_requests,
-                          max_body_bytes=args.max_request_body_bytes, stream_interval=args.stream_interval)
+                          max_body_bytes=args.max_request_body_bytes, stream_interval=args.stream_interval,
+                          enable_auto_tool_choice=args.enable_auto_tool_choice,
+                          tool_call_parser=args.tool_call_parser)
     # A config, not an engine: the model is built on the thread that will run it (one OpenMP pool).
     app = build_app(engine_config, config)
     return run_server(app, args.host, args.port, args.shutdown_timeout, args.log_level)

@@ -93,6 +93,8 @@ def from_validation_errors(errors: Sequence[dict]) -> APIError:
         message = str(first.get("ctx", {}).get("error", msg))
     elif first.get("type") == "missing":
         message = f"{param} is required"
+    elif first.get("type") == "extra_forbidden":
+        message = f"{param} is not a field of this request (unknown fields are refused, not ignored)"
     elif param:
         message = f"{param}: {msg}"
     else:

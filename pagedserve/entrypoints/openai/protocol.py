@@ -1,7 +1,9 @@
 """The OpenAI wire format (pydantic): requests as clients send them, responses as clients parse them.
 
 Requests are validated strictly (a string is not a number, 1 is not `true`) so a wrong type is a 400
-naming the field. Ranges are left to SamplingParams, the one place that knows them.
+naming the field, and an unknown field is a 400 too (as vLLM does): nothing a client sends is dropped
+without a word. OpenAI fields this server cannot honour are declared here and refused by
+unsupported.py unless they hold their no-op value. Ranges are left to SamplingParams.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 # --- requests -------------------------------------------------------------------------------------
@@ -24,6 +26,7 @@ class OpenAIModel(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    include_obfuscation: Any = None  # refused unless false (unsupported.py)
 
 
 class SamplingFields(OpenAIModel):
@@ -40,7 +43,7 @@ class SamplingFields(OpenAIModel):
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id: logged with the request id
     logit_bias: dict[str, float] | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     # vLLM's extensions: {"json" | "regex" | "choice" | "grammar": ...}, and the older guided_* names
@@ -78,7 +81,7 @@ class CompletionRequest(SamplingFields):
     prompt: Any  # str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     logprobs: int | None = None
-    suffix: str | None = None
+    suffix: str | None = None  # refused: these models have no fill-in-the-middle format
     best_of: int | None = None
 
     @field_validator("prompt", mode="before")
@@ -100,10 +103,28 @@ class ContentPart(OpenAIModel):
     text: str
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Any = None  # str | list[ContentPart] | None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+    # Fields of a reply that clients send back in the history; only their empty values are accepted.
+    refusal: str | None = None
+    audio: Any = None
+    function_call: Any = None
+    annotations: list | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -122,18 +143,60 @@ class ChatMessage(OpenAIModel):
         return self.content or ""
 
 
+class FunctionDefinition(OpenAIModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none means no arguments
+    strict: bool | None = None  # arguments are always constrained to the schema when a call is forced
+
+
+class Tool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # OpenAI fields this server refuses unless they hold their no-op value (unsupported.py says why).
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    metadata: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    prediction: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    safety_identifier: str | None = None  # like user: logged with the request id
+    service_tier: Any = None
+    store: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
 
 class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Tool] | None = None  # with messages: the prompt as a chat request with these tools sees it
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
 
@@ -206,9 +269,21 @@ class ChatChoiceLogProbs(BaseModel):
     content: list[ChatLogProbEntry] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -229,9 +304,22 @@ class ChatCompletionResponse(BaseModel):
     prompt_logprobs: list[dict[str, dict] | None] | None = None  # vLLM's extension
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

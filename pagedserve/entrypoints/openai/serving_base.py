@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ from pagedserve.entrypoints.openai.errors import (
     unavailable,
 )
 from pagedserve.entrypoints.openai.protocol import SamplingFields
+from pagedserve.entrypoints.openai.unsupported import STREAM_OPTIONS_UNSUPPORTED, check_unsupported
 from pagedserve.outputs import RequestOutput
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.structured_output.params import KINDS as STRUCTURED_KINDS
 from pagedserve.structured_output.params import StructuredOutputsParams
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 OFF_LOOP_CHARS = 8192
 
@@ -41,6 +44,9 @@ class ServerConfig:
     retry_after_s: int = 1
     # Tokens gathered per streamed event (the --stream-interval of vLLM and SGLang); 1 = every token.
     stream_interval: int = 1
+    # tool_choice "auto" parses the model's own tool-call format (vLLM's options; tool_calls.py).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
 
 
 @dataclass
@@ -100,6 +106,16 @@ class OpenAIServing:
         info = engine.model_info()
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
+        self.auto_tool_parser = config.tool_call_parser if config.enable_auto_tool_choice else None
+        self._template_has_tools: bool | None = None
+
+    @property
+    def template_has_tools(self) -> bool:
+        if self._template_has_tools is None:
+            from pagedserve.entrypoints.openai.tool_calls import template_renders_tools
+
+            self._template_has_tools = template_renders_tools(self.tokenizer)
+        return self._template_has_tools
 
     # --- validation (nothing here touches the engine) -----------------------------------------
 
@@ -112,6 +128,8 @@ class OpenAIServing:
         self.check_model(req.model)
         if req.stream_options is not None and not req.stream:
             raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+        if req.stream_options is not None:
+            check_unsupported(req.stream_options, STREAM_OPTIONS_UNSUPPORTED, "stream_options.")
         if req.stream and req.prompt_logprobs is not None:
             raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
 
@@ -164,7 +182,7 @@ class OpenAIServing:
                          "min_tokens": req.min_tokens != 0, "prompt_logprobs": req.prompt_logprobs is not None,
                          "logprobs": getattr(req, "logprobs", None) not in (None, False),
                          "include_stop_str_in_output": req.include_stop_str_in_output,
-                         "logit_bias": bool(req.logit_bias),
+                         "logit_bias": bool(req.logit_bias), "tools": bool(getattr(req, "tools", None)),
                          "response_format": structured_outputs(req) is not None}
         for name, set_ in sampling_only.items():
             if set_:
@@ -187,11 +205,19 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e, {"beam_width": "n"}) from None
 
+    def log_request(self, request_id: str, req: SamplingFields) -> None:
+        """OpenAI's end-user ids mean nothing to the engine; the log ties them to the request id."""
+        safety = getattr(req, "safety_identifier", None)
+        if req.user is not None or safety is not None:
+            logger.info("request %s: user=%r safety_identifier=%r", request_id, req.user, safety)
+
     def sampling_params(self, req: SamplingFields, max_tokens: int | None, logprobs: int | None,
-                        renames: dict[str, str] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
-        """SamplingParams checks every range; its message names the field, renamed to the wire name."""
+                        renames: dict[str, str] | None = None, prompt_logprobs: int | None = None,
+                        structured: StructuredOutputsParams | None = None, n: int | None = None) -> SamplingParams:
+        """SamplingParams checks every range; its message names the field, renamed to the wire name.
+        `structured` is a grammar the endpoint chose itself (a forced tool call)."""
         values = dict(
-            n=req.n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            n=req.n if n is None else n, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
             repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
             frequency_penalty=req.frequency_penalty, seed=req.seed, max_tokens=max_tokens,
             min_tokens=req.min_tokens, stop=req.stop, stop_token_ids=req.stop_token_ids,
@@ -199,7 +225,7 @@ class OpenAIServing:
             prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens, logit_bias=self.logit_bias(req.logit_bias),
-            structured_outputs=structured_outputs(req))
+            structured_outputs=structured or structured_outputs(req))
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None or k == "max_tokens"})
         except ValueError as e:

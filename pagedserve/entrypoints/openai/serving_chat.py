@@ -37,21 +37,29 @@ from pagedserve.entrypoints.openai.serving_base import (
     prompt_logprobs_json,
     random_id,
     sse,
+    structured_outputs,
     until_disconnect,
 )
-from pagedserve.outputs import Logprob, RequestOutput
+from pagedserve.entrypoints.openai.tool_calls import ToolPlan, ToolStream, conversation, plan_tools
+from pagedserve.entrypoints.openai.unsupported import CHAT_UNSUPPORTED, MESSAGE_UNSUPPORTED, check_unsupported
+from pagedserve.outputs import CompletionOutput, Logprob, RequestOutput
 
 
-def apply_chat_template(inputs: InputProcessor, messages: list[ChatMessage],
-                        add_generation_prompt: bool = True) -> list[int]:
+def apply_chat_template(inputs: InputProcessor, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                        tools: list[dict] | None = None) -> list[int]:
     """Token ids of the conversation rendered with the model's own template (400 if it has none)."""
     if not messages:
         raise bad_request("messages must be a non-empty list", "messages")
     if not inputs.tokenizer.chat_template:
         raise bad_request("this model has no chat template; use /v1/completions", "messages")
-    conversation = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+    for i, m in enumerate(messages):
+        check_unsupported(m, MESSAGE_UNSUPPORTED, f"messages[{i}].")
+        if m.tool_calls and m.role != "assistant":
+            raise bad_request("only assistant messages carry tool_calls", f"messages[{i}].tool_calls")
+        if m.role == "tool" and m.tool_call_id is None:
+            raise bad_request("a tool message needs the tool_call_id it answers", f"messages[{i}].tool_call_id")
     try:
-        return inputs.apply_chat_template(conversation, add_generation_prompt)
+        return inputs.apply_chat_template(conversation(messages), add_generation_prompt, tools)
     except Exception as e:  # the template rejects the conversation (e.g. roles out of order)
         raise bad_request(f"the chat template rejected these messages: {e}", "messages") from e
 
@@ -80,10 +88,16 @@ class OpenAIServingChat:
         arrival = time.monotonic()
         s = self.serving
         s.check_common(req)
+        check_unsupported(req, CHAT_UNSUPPORTED)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        plan = plan_tools(req, s.auto_tool_parser, s.template_has_tools if req.tools else False)
+        if plan is not None and plan.grammar is not None and structured_outputs(req) is not None:
+            raise bad_request("a forced tool call constrains the output already; drop response_format / "
+                              "structured_outputs or use tool_choice \"auto\" or \"none\"", "tool_choice")
         size = sum(len(m.text()) for m in req.messages)
-        ids = await s.off_loop(size, apply_chat_template, s.inputs, req.messages, req.add_generation_prompt)
+        ids = await s.off_loop(size, apply_chat_template, s.inputs, req.messages, req.add_generation_prompt,
+                               plan.tools if plan else None)
         # max_completion_tokens replaces the deprecated max_tokens; None means "as much as fits".
         if req.max_completion_tokens is not None:
             max_tokens, max_param = req.max_completion_tokens, "max_completion_tokens"
@@ -91,8 +105,10 @@ class OpenAIServingChat:
             max_tokens, max_param = req.max_tokens, "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = s.sampling_params(req, max_tokens, logprobs,
-                                   renames={"logprobs": "top_logprobs", "max_tokens": max_param})
+                                   renames={"logprobs": "top_logprobs", "max_tokens": max_param},
+                                   structured=plan.grammar if plan else None)
         request_id = random_id("chatcmpl")
+        s.log_request(request_id, req)
         if req.use_beam_search:
             beam_max = max_tokens if max_tokens is not None else s.inputs.limit - len(ids)
             inputs = s.beam_inputs(request_id, req, [Prompt("", ids)], beam_max, arrival, "messages")
@@ -114,26 +130,29 @@ class OpenAIServingChat:
                 raise engine_error(e) from e
             raise
         if req.stream:
-            return StreamingResponse(self._sse(req, request_id, len(ids), group, outputs, first[1]),
+            return StreamingResponse(self._sse(req, request_id, len(ids), group, outputs, first[1], plan),
                                      media_type="text/event-stream", headers=SSE_HEADERS)
-        return JSONResponse(self._response(req, request_id, len(ids), final).model_dump(mode="json"))
+        return JSONResponse(self._response(req, request_id, len(ids), final, plan).model_dump(mode="json"))
 
     def _response(self, req: ChatCompletionRequest, request_id: str, num_prompt: int,
-                  final: RequestOutput) -> ChatCompletionResponse:
+                  final: RequestOutput, plan: ToolPlan | None) -> ChatCompletionResponse:
         choices = []
         for c in final.outputs:
             logprobs = None
             if req.logprobs and c.logprobs is not None:
                 logprobs = chat_logprobs(c.token_ids, c.logprobs, req.top_logprobs or 0, self.serving.tokenizer)
-            choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=c.text), logprobs=logprobs,
-                                      finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            content, calls = plan.parse(c.text) if plan is not None else (c.text, [])
+            choices.append(ChatChoice(index=c.index, message=ChatMessageOut(content=content, tool_calls=calls),
+                                      logprobs=logprobs, finish_reason=finish_reason(c, bool(calls)),
+                                      stop_reason=c.stop_reason))
         generated = sum(len(c.token_ids) for c in final.outputs)
         return ChatCompletionResponse(id=request_id, model=self.serving.model_name, choices=choices,
                                       usage=usage(num_prompt, generated, final.num_cached_tokens or 0),
                                       prompt_logprobs=prompt_logprobs_json(final, self.serving.tokenizer))
 
     async def _sse(self, req: ChatCompletionRequest, request_id: str, num_prompt: int, group: RequestGroup,
-                   outputs: AsyncIterator[tuple[int, RequestOutput]], first: RequestOutput) -> AsyncIterator[str]:
+                   outputs: AsyncIterator[tuple[int, RequestOutput]], first: RequestOutput,
+                   plan: ToolPlan | None) -> AsyncIterator[str]:
         """Per choice: a role chunk, content chunks, a chunk with finish_reason; then usage if asked."""
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         created = int(time.time())
@@ -150,6 +169,7 @@ class OpenAIServingChat:
                 del body["usage"]  # with include_usage it is null in every chunk but the last, as in OpenAI's
             return sse(json.dumps(body, separators=(",", ":")))
 
+        tool_streams = [ToolStream(plan) for _ in range(req.n)] if plan is not None else None
         try:
             for i in range(req.n):
                 yield chunk(i, DeltaMessage(role="assistant", content=""))
@@ -165,11 +185,21 @@ class OpenAIServingChat:
                         k = len(c.token_ids_delta)
                         logprobs = chat_logprobs(c.token_ids_delta, c.logprobs[-k:], req.top_logprobs or 0,
                                                  self.serving.tokenizer)
-                    if c.text_delta or logprobs is not None:
+                    if tool_streams is not None:
+                        content, calls = tool_streams[c.index].feed(c.text_delta)
+                        if content or calls or logprobs is not None:
+                            yield chunk(c.index, DeltaMessage(content=content, tool_calls=calls), logprobs)
+                    elif c.text_delta or logprobs is not None:
                         yield chunk(c.index, DeltaMessage(content=c.text_delta), logprobs)
                     if c.finished:
                         done.add(c.index)
-                        yield chunk(c.index, DeltaMessage(), finish=c.finish_reason)
+                        has_calls = False
+                        if tool_streams is not None:
+                            content, calls = tool_streams[c.index].finish()
+                            if content or calls:
+                                yield chunk(c.index, DeltaMessage(content=content, tool_calls=calls))
+                            has_calls = tool_streams[c.index].has_calls
+                        yield chunk(c.index, DeltaMessage(), finish=finish_reason(c, has_calls))
                 item = await anext(outputs, None)
                 out = None if item is None else item[1]
             if include_usage:
@@ -183,3 +213,8 @@ class OpenAIServingChat:
             group.abort()
             await outputs.aclose()
         yield SSE_DONE
+
+
+def finish_reason(c: CompletionOutput, has_tool_calls: bool) -> str | None:
+    """OpenAI's "tool_calls" when a reply that ended by itself is calls; a call cut short stays "length"."""
+    return "tool_calls" if has_tool_calls and c.finish_reason == "stop" else c.finish_reason

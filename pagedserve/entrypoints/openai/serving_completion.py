@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -69,6 +70,18 @@ def echoed_prompt_logprobs(prompt_ids: list[int], final: RequestOutput, tokenize
     return out
 
 
+def best_candidates(outputs: list[CompletionOutput], n: int) -> list[CompletionOutput]:
+    """The n of best_of candidates with the highest cumulative logprob, renumbered 0..n-1 (all of them,
+    unchanged, when best_of is n)."""
+    if len(outputs) <= n:
+        return outputs
+
+    def score(c: CompletionOutput) -> float:
+        return sum(step[t].logprob for t, step in zip(c.token_ids, c.logprobs or [], strict=False) if t in step)
+    ranked = sorted(outputs, key=lambda c: (-score(c), c.index))[:n]
+    return [replace(c, index=i, cumulative_logprob=score(c)) for i, c in enumerate(ranked)]
+
+
 class OpenAIServingCompletion:
     def __init__(self, serving: OpenAIServing) -> None:
         self.serving = serving
@@ -97,8 +110,12 @@ class OpenAIServingCompletion:
         s.check_common(req)
         if req.suffix:
             raise bad_request("suffix is not supported", "suffix")
-        if req.best_of is not None and req.best_of != req.n:
-            raise bad_request("best_of must be unset or equal to n", "best_of")
+        best_of = req.n if req.best_of is None else req.best_of
+        if best_of < req.n:
+            raise bad_request(f"best_of must be at least n ({req.n}), got {best_of}", "best_of")
+        if best_of > req.n and (req.stream or req.use_beam_search):
+            raise bad_request("best_of greater than n cannot be combined with "
+                              f"{'stream' if req.stream else 'use_beam_search'}", "best_of")
         echo_logprobs = req.echo and req.logprobs is not None  # the prompt's logprobs (lm-eval's loglikelihood)
         if echo_logprobs and req.stream:
             raise bad_request("echo with logprobs is not supported with stream", "echo")
@@ -107,9 +124,12 @@ class OpenAIServingCompletion:
         prompts = await self._prompts(req)
         max_tokens = DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         # max_tokens 0 with echo scores the prompt only: one token is computed and not returned.
-        params = s.sampling_params(req, max(max_tokens, 1), req.logprobs,
+        # best_of ranks its candidates by cumulative logprob: the chosen tokens' logprobs are needed.
+        logprobs = req.logprobs if best_of == req.n else (req.logprobs or 0)
+        params = s.sampling_params(req, max(max_tokens, 1), logprobs, n=best_of, renames={"n": "best_of"} if best_of > req.n else None,
                                    prompt_logprobs=req.logprobs if echo_logprobs else None)
         request_id = random_id("cmpl")
+        s.log_request(request_id, req)
         if req.use_beam_search:
             inputs = s.beam_inputs(request_id, req, prompts, max(max_tokens, 1), arrival, "prompt")
         else:
@@ -142,9 +162,10 @@ class OpenAIServingCompletion:
         prompt_only = req.max_tokens == 0
         for pi, (prompt, final) in enumerate(zip(prompts, finals, strict=True)):
             prefix = prompt.text if req.echo else ""
-            for c in final.outputs:
+            # best_of: every candidate counts as generated (as OpenAI bills it), the n best are returned
+            completion_tokens += 0 if prompt_only else sum(len(c.token_ids) for c in final.outputs)
+            for c in best_candidates(final.outputs, req.n):
                 ids, text = ([], "") if prompt_only else (c.token_ids, c.text)
-                completion_tokens += len(ids)
                 logprobs = None
                 if req.logprobs is not None and c.logprobs is not None:
                     logprobs = completion_logprobs(ids, c.logprobs, len(prefix), tokenizer)
