@@ -12,6 +12,7 @@ from pagedserve.spec_decode.config import SpeculativeConfig
 QUANTIZATION_METHODS = ("int8", "w8a8", "gguf")  # pagedserve/model/quantization
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICIES = ("continuous", "static")
+SCHEDULING_POLICIES = ("fcfs", "priority")  # vLLM's --scheduling-policy: the waiting queue's order
 # The KV cache's element type; "auto" is the model's dtype. fp8 would need scaled 8-bit kernels.
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 _FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3", "fp8_e5m2")
@@ -59,15 +60,26 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Iteration-level scheduling limits and the batching policy."""
+    """Iteration-level scheduling limits, the batching policy and the waiting queue's order."""
 
     policy: str = field(default="continuous", metadata=option("batching policy", choices=POLICIES))
+    # vLLM's option name. "priority": requests' `priority` (lower first), then arrival, orders the
+    # waiting queue and picks preemption victims; a better-priority arrival may preempt a running one.
+    scheduling_policy: str = field(default="fcfs", metadata=option(
+        "waiting-queue order: fcfs (arrival) or priority (each request's priority, lower first, then arrival)",
+        choices=SCHEDULING_POLICIES))
     max_num_seqs: int = field(default=64, metadata=option("sequences in the running batch at most"))
     max_num_batched_tokens: int = field(default=2048, metadata=option("tokens per step at most"))
     enable_chunked_prefill: bool = field(default=True, metadata=option("split long prompts over steps"))
 
     def __post_init__(self) -> None:
         _require(self.policy in POLICIES, "policy", f"one of {POLICIES}", self.policy)
+        _require(self.scheduling_policy in SCHEDULING_POLICIES, "scheduling_policy",
+                 f"one of {SCHEDULING_POLICIES}", self.scheduling_policy)
+        # A static batch is admitted whole and never preempted: there is nothing to reorder.
+        _require(self.scheduling_policy == "fcfs" or self.policy == "continuous", "scheduling_policy",
+                 f"'fcfs' with policy {self.policy!r} (priority scheduling needs the continuous policy)",
+                 self.scheduling_policy)
         _require(self.max_num_seqs >= 1, "max_num_seqs", ">= 1", self.max_num_seqs)
         _require(self.max_num_batched_tokens >= 1, "max_num_batched_tokens", ">= 1", self.max_num_batched_tokens)
 

@@ -174,6 +174,9 @@ class KVCacheManager:
         table = self.block_tables.pop(request.request_id, None)
         self._used_slots.pop(request.request_id, None)
         if table:
+            if self._pending_copies:  # preempted in the step that copied its block: nobody reads the copy
+                mine = set(table)
+                self._pending_copies = [(src, dst) for src, dst in self._pending_copies if dst not in mine]
             self.pool.free(table[::-1])
 
     def reset_prefix_cache(self) -> bool:

@@ -16,7 +16,7 @@ from pagedserve.sampling_params import SamplingParams
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"  # blocks freed; waits at the front of the queue to be recomputed
+    PREEMPTED = "preempted"  # blocks freed; waits to be recomputed (fcfs: at the front of the queue)
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -32,7 +32,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_id: int | None = None, arrival_time: float | None = None,
-                 seed: int | None = None, cache_salt: str | None = None) -> None:
+                 seed: int | None = None, cache_salt: str | None = None, priority: int = 0) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -45,6 +45,8 @@ class Request:
         # known tokens and become output tokens only once the runner accepts them.
         self.spec_token_ids: list[int] = []
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.priority = priority  # lower is served first (--scheduling-policy priority only)
+        self.queue_order = 0  # the scheduler's arrival counter: breaks ties of equal arrival times
         self.first_scheduled_time: float | None = None
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None

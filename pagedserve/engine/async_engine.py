@@ -291,9 +291,10 @@ class AsyncLLMEngine(EngineClient):
     # --- requests (event loop) ----------------------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: PromptType | EngineInput,
-                          params: SamplingParams | None = None, arrival_time: float | None = None) -> RequestStream:
+                          params: SamplingParams | None = None, arrival_time: float | None = None,
+                          priority: int = 0) -> RequestStream:
         """Queue a request and wait until the engine accepted it. `prompt` may be an EngineInput the
-        caller validated with `input_processor` (then `params` and `arrival_time` are its own).
+        caller validated with `input_processor` (then `params`, `arrival_time` and `priority` are its own).
 
         Raises EngineOverloadedError beyond the admission bound, ValueError when the input is refused,
         EngineDeadError when the loop is not running.
@@ -311,7 +312,7 @@ class AsyncLLMEngine(EngineClient):
                 raise ValueError(f"request_id {request_id!r} differs from the input's {request.request_id!r}")
         else:
             arrival = time.monotonic() if arrival_time is None else arrival_time
-            request = self._input_processor.process(request_id, prompt, params, arrival)
+            request = self._input_processor.process(request_id, prompt, params, arrival, priority=priority)
         stream = RequestStream(request_id, self.stream_interval)
         self._streams[request_id] = stream
         future: asyncio.Future[None] = self._loop.create_future()

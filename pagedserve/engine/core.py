@@ -104,7 +104,7 @@ class EngineCore:
 
     def add_request(self, request: EngineCoreRequest) -> None:
         req = Request(request.request_id, request.prompt_token_ids, request.params, request.eos_token_id,
-                      request.arrival_time, request.seed, request.cache_salt)
+                      request.arrival_time, request.seed, request.cache_salt, request.priority)
         if request.params.structured_outputs is not None:
             self.structured_outputs().compile(request.params.structured_outputs)  # cached; errors before admission
         if request.beam_search is not None:

@@ -31,6 +31,7 @@ class EngineCoreRequest:
     # once its prompt is computed, instead of computing the prompt again).
     fork_of: str | None = None
     beam_search: BeamSearchParams | None = None  # beam search in the core instead of sampling
+    priority: int = 0  # lower is served first (--scheduling-policy priority); n > 1 siblings share it
 
 
 @dataclass

@@ -36,30 +36,33 @@ class EngineInput:
     eos_token_id: int | None
     cache_salt: str | None = None
     beam_search: BeamSearchParams | None = None  # then params only carry max_tokens (the length check)
+    priority: int = 0  # lower is served first (--scheduling-policy priority); every sequence inherits it
 
     def core_requests(self) -> list[EngineCoreRequest]:
         """n > 1 becomes n sequences `id#i`, seeded seed + i; all but the first fork from the first's
         prompt blocks."""
         if self.beam_search is not None:  # one core request: the core forks its beams
             return [EngineCoreRequest(self.request_id, self.prompt_token_ids, self.params, self.eos_token_id,
-                                      self.arrival_time, None, self.cache_salt, beam_search=self.beam_search)]
+                                      self.arrival_time, None, self.cache_salt, beam_search=self.beam_search,
+                                      priority=self.priority)]
         n = self.params.n
         ids = [self.request_id] if n == 1 else [f"{self.request_id}#{i}" for i in range(n)]
         return [EngineCoreRequest(rid, self.prompt_token_ids, self.params, self.eos_token_id, self.arrival_time,
                                   None if self.params.seed is None else self.params.seed + i, self.cache_salt,
-                                  ids[0] if i else None)
+                                  ids[0] if i else None, priority=self.priority)
                 for i, rid in enumerate(ids)]
 
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, capacity_tokens: int,
-                 eos_token_id: int | None, model_name: str = "") -> None:
+                 eos_token_id: int | None, model_name: str = "", scheduling_policy: str = "fcfs") -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.capacity_tokens = capacity_tokens
         self.eos_token_id = eos_token_id
         self.model_name = model_name
+        self.scheduling_policy = scheduling_policy  # the engine's: may a request carry a priority
 
     def copy_for_another_thread(self) -> InputProcessor:
         """The same processor with its own tokenizer, for a thread that tokenizes while another one
@@ -69,7 +72,7 @@ class InputProcessor:
         except Exception:
             tokenizer = self.tokenizer
         return InputProcessor(tokenizer, self.vocab_size, self.max_model_len, self.capacity_tokens,
-                              self.eos_token_id, self.model_name)
+                              self.eos_token_id, self.model_name, self.scheduling_policy)
 
     @property
     def limit(self) -> int:
@@ -134,26 +137,34 @@ class InputProcessor:
                              f"context length of {limit} tokens (max_model_len={self.max_model_len}, KV capacity="
                              f"{self.capacity_tokens} tokens)", max_tokens_field, "context_length_exceeded")
 
+    def check_priority(self, priority: int) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise InputError(f"priority must be an integer, got {priority!r}", "priority")
+        if priority != 0 and self.scheduling_policy != "priority":  # as vLLM: not silently ignored
+            raise InputError(f"priority must be 0 with --scheduling-policy {self.scheduling_policy} (got "
+                             f"{priority}); request priorities need --scheduling-policy priority", "priority")
+
     # --- the request -----------------------------------------------------------------------------
 
     def process(self, request_id: str, prompt: PromptType, params: SamplingParams | None, arrival_time: float,
-                prompt_field: str = "prompt", max_tokens_field: str = "max_tokens") -> EngineInput:
+                prompt_field: str = "prompt", max_tokens_field: str = "max_tokens",
+                priority: int = 0) -> EngineInput:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InputError("sampling_params must be a SamplingParams", "sampling_params")
         text, ids = self.tokenize_prompt(prompt)
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         return self.process_tokens(request_id, text, ids, params, arrival_time, prompt_field, max_tokens_field,
-                                   cache_salt=salt)
+                                   cache_salt=salt, priority=priority)
 
     def process_beam_search(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
-                            arrival_time: float) -> EngineInput:
+                            arrival_time: float, priority: int = 0) -> EngineInput:
         """A beam search request: the same prompt checks, and beams that must fit the cache together."""
         if not isinstance(params, BeamSearchParams):
             raise InputError("params must be a BeamSearchParams", "params")
         # The prompt and length checks of any request; the sampling side only carries max_tokens.
         sampling = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
-        inp = self.process(request_id, prompt, sampling, arrival_time)
+        inp = self.process(request_id, prompt, sampling, arrival_time, priority=priority)
         need = len(inp.prompt_token_ids) + params.beam_width * (params.max_tokens + 1)
         if need > self.capacity_tokens:
             raise InputError(f"beam_width={params.beam_width} beams of up to {params.max_tokens} tokens after a "
@@ -164,8 +175,10 @@ class InputProcessor:
 
     def process_tokens(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
                        arrival_time: float, prompt_field: str = "prompt",
-                       max_tokens_field: str = "max_tokens", cache_salt: str | None = None) -> EngineInput:
+                       max_tokens_field: str = "max_tokens", cache_salt: str | None = None,
+                       priority: int = 0) -> EngineInput:
         """For token ids the caller has already checked (the server's own tokenization)."""
+        self.check_priority(priority)
         self.check_length(len(ids), params.max_tokens, prompt_field, max_tokens_field)
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise InputError("cache_salt must be a non-empty string", "cache_salt")
@@ -178,4 +191,5 @@ class InputProcessor:
             raise InputError(f"n={params.n} sequences of up to {params.max_tokens} tokens after a shared "
                              f"{len(ids)}-token prompt need {len(ids) + params.n * params.max_tokens} KV slots; "
                              f"the cache holds {self.capacity_tokens}", "n")
-        return EngineInput(request_id, text, list(ids), params, arrival_time, self.eos_token_id, cache_salt)
+        return EngineInput(request_id, text, list(ids), params, arrival_time, self.eos_token_id, cache_salt,
+                           priority=priority)

@@ -36,7 +36,7 @@ class LLMEngine:
         self.eos_token_id = eos[0] if isinstance(eos, list) else eos
         self.input_processor = InputProcessor(self.tokenizer, self.core.model_config.vocab_size,
                                               self.core.max_model_len, self.core.capacity_tokens,
-                                              self.eos_token_id, config.model)
+                                              self.eos_token_id, config.model, config.scheduler.scheduling_policy)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending_outputs: list[RequestOutput] = []  # abort outputs, handed out by the next step
         self._ids = itertools.count()
@@ -113,18 +113,19 @@ class LLMEngine:
 
     def process_input(self, request_id: str | None, prompt: PromptType,
                       params: SamplingParams | BeamSearchParams | None = None,
-                      arrival_time: float | None = None) -> EngineInput:
+                      arrival_time: float | None = None, priority: int = 0) -> EngineInput:
         request_id = str(next(self._ids)) if request_id is None else request_id
         arrival = time.monotonic() if arrival_time is None else arrival_time
         if isinstance(params, BeamSearchParams):
-            return self.input_processor.process_beam_search(request_id, prompt, params, arrival)
-        return self.input_processor.process(request_id, prompt, params, arrival)
+            return self.input_processor.process_beam_search(request_id, prompt, params, arrival, priority)
+        return self.input_processor.process(request_id, prompt, params, arrival, priority=priority)
 
     def add_request(self, request_id: str | None, prompt: PromptType,
                     params: SamplingParams | BeamSearchParams | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Validate and queue a request. Raises ValueError (naming the field) before touching the engine."""
-        return self.add_processed(self.process_input(request_id, prompt, params, arrival_time))
+                    arrival_time: float | None = None, priority: int = 0) -> str:
+        """Validate and queue a request. Raises ValueError (naming the field) before touching the engine.
+        `priority`: lower is served first; non-zero needs scheduling_policy="priority"."""
+        return self.add_processed(self.process_input(request_id, prompt, params, arrival_time, priority))
 
     def add_processed(self, request: EngineInput) -> str:
         """Queue a request the input processor has already validated (the server's path)."""

@@ -69,9 +69,11 @@ class EngineClient(ABC):
     @abstractmethod
     async def add_request(self, request_id: str, prompt: PromptType | EngineInput,
                           params: SamplingParams | None = None,
-                          arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
+                          arrival_time: float | None = None,
+                          priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Queue a request (a prompt, or one the input processor already validated) and return the
-        stream of its outputs; raises ValueError when it is refused, before it reaches the core."""
+        stream of its outputs; raises ValueError when it is refused, before it reaches the core.
+        `priority` (lower first) needs the priority scheduling policy when non-zero."""
 
     @abstractmethod
     def abort(self, request_id: str) -> None:

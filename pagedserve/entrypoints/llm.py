@@ -38,8 +38,9 @@ class LLM:
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Run every prompt to completion in one continuous batch; outputs in input order."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Run every prompt to completion in one continuous batch; outputs in input order.
+        `priority` (vLLM's): one per prompt, lower served first; needs scheduling_policy="priority"."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
                                                  and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -50,10 +51,19 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts")
+        if priority is None:
+            priorities = [0] * len(prompts)
+        elif isinstance(priority, (str, bytes)) or not isinstance(priority, Sequence):
+            raise ValueError(f"priority must be a list of integers, one per prompt, got "
+                             f"{type(priority).__name__}")
+        else:
+            priorities = list(priority)
+            if len(priorities) != len(prompts):
+                raise ValueError(f"priority has {len(priorities)} values for {len(prompts)} prompts")
         ids = []
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
-                ids.append(self.engine.add_request(None, prompt, params))
+            for prompt, params, prio in zip(prompts, params_list, priorities, strict=True):
+                ids.append(self.engine.add_request(None, prompt, params, priority=prio))
         except Exception:
             self.engine.abort_request(ids)  # all or nothing: leave no half-added batch behind
             self.engine.step()

@@ -111,6 +111,27 @@ def test_refused_request_raises_value_error(engine):
     run(main())
 
 
+def test_priority_reaches_the_core_and_fcfs_refuses_it(engine, tiny_llama_dir):
+    async def refused():
+        eng = await _started(engine)
+        with pytest.raises(ValueError, match="^priority must be 0"):
+            await eng.add_request("x", "hi", GREEDY, priority=2)
+        assert eng.num_in_flight == 0
+        await eng.stop()
+
+    async def threaded(prio_engine: LLMEngine):
+        eng = await _started(prio_engine)
+        await eng.add_request("p", "hi", LONG, priority=-3)
+        assert await eng.call(lambda e: e.scheduler.requests["p"].priority) == -3
+        eng.abort("p")
+        assert await eng.call(_all_free)
+        await eng.stop()
+
+    run(refused())
+    run(threaded(LLMEngine(EngineConfig.from_kwargs(str(tiny_llama_dir), num_blocks=128, block_size=4,
+                                                    scheduling_policy="priority"))))
+
+
 def test_step_error_fails_that_steps_requests_and_the_loop_goes_on(engine, monkeypatch):
     """One sequence runs at a time: the failing step carries A only; B waits and is served after."""
     engine.scheduler.config.max_num_seqs = 1

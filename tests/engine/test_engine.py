@@ -192,3 +192,108 @@ def test_logit_bias_bans_and_forces_tokens_in_a_mixed_batch(tiny_llm):
     assert not set(batch[0].outputs[0].token_ids) & set(plain)
     assert batch[1].outputs[0].token_ids == [42] * 12
     assert batch[2].outputs[0].token_ids == plain
+
+
+# --- scheduling_policy="priority" ----------------------------------------------------------------
+
+
+def _run_recording(engine) -> tuple[dict[str, list[int]], list[str], list[str]]:
+    """Step to the end: each request's tokens, the order requests were first scheduled, and finished."""
+    tokens: dict[str, list[int]] = {}
+    started: list[str] = []
+    finished: list[str] = []
+    while engine.has_unfinished_requests():
+        outs = engine.step()
+        for r in engine.scheduler.running:
+            if r.request_id not in started:
+                started.append(r.request_id)
+        for out in outs:
+            if out.finished:
+                finished.append(out.request_id)
+                tokens[out.request_id] = out.outputs[0].token_ids
+    assert engine.kv_stats().free_blocks == engine.kv_stats().total_blocks
+    return tokens, started, finished
+
+
+def test_priority_ordering_under_load_and_greedy_output_unchanged(tiny_llama_dir):
+    """Two seats, four bulk requests (priority 5) running and queued; three urgent ones (priority 0)
+    arrive later: they take the seats at once (the bulk ones running are preempted) and all finish
+    first. Every request's greedy tokens equal those of the same requests under fcfs."""
+    bulk = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    urgent = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    options = dict(num_blocks=64, block_size=4, max_num_seqs=2)
+    llm = LLM(str(tiny_llama_dir), scheduling_policy="priority", **options)
+    engine = llm.engine
+    for i, p in enumerate(PROMPTS[:4]):
+        engine.add_request(f"bulk{i}", p, bulk, priority=5)
+    engine.step()
+    engine.step()
+    assert sorted(r.request_id for r in engine.scheduler.running) == ["bulk0", "bulk1"]
+    for i, p in enumerate(PROMPTS[1:4]):
+        engine.add_request(f"urgent{i}", p, urgent, priority=0)
+    tokens, started, finished = _run_recording(engine)
+    assert finished[:3] == ["urgent0", "urgent1", "urgent2"]
+    assert started.index("urgent2") < started.index("bulk2") < started.index("bulk3")
+    assert engine.scheduler.num_preemptions >= 2  # bulk0 and bulk1 gave their seats up
+
+    fcfs = LLM(str(tiny_llama_dir), **options)
+    expected = fcfs.generate(PROMPTS[:4] + PROMPTS[1:4], [bulk] * 4 + [urgent] * 3, use_tqdm=False)
+    names = [f"bulk{i}" for i in range(4)] + [f"urgent{i}" for i in range(3)]
+    assert {n: o.outputs[0].token_ids for n, o in zip(names, expected, strict=True)} == tokens
+
+
+def test_generate_priority_list_orders_admission(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), num_blocks=64, block_size=4, max_num_seqs=1, scheduling_policy="priority")
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    started = []
+    step = llm.engine.step
+
+    def recording_step():
+        outs = step()
+        started.extend(r.request_id for r in llm.engine.scheduler.running if r.request_id not in started)
+        return outs
+
+    llm.engine.step = recording_step
+    outs = llm.generate(PROMPTS[:4], params, use_tqdm=False, priority=[3, 1, 2, -1])
+    assert [o.prompt for o in outs] == PROMPTS[:4]  # outputs stay in input order
+    assert started == [outs[3].request_id, outs[1].request_id, outs[2].request_id, outs[0].request_id]
+    plain = llm.generate(PROMPTS[:4], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in plain]
+    with pytest.raises(ValueError, match="priority has 2 values for 4 prompts"):
+        llm.generate(PROMPTS[:4], params, use_tqdm=False, priority=[0, 1])
+    with pytest.raises(ValueError, match="priority must be a list"):
+        llm.generate(PROMPTS[:4], params, use_tqdm=False, priority=3)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_priority_is_inherited_by_n_siblings_and_beams(tiny_llama_dir):
+    from pagedserve.sampling_params import BeamSearchParams
+
+    llm = LLM(str(tiny_llama_dir), num_blocks=64, block_size=4, scheduling_policy="priority")
+    engine = llm.engine
+    engine.add_request("n", "Hello world", SamplingParams(temperature=0.8, seed=1, n=3, max_tokens=4), priority=4)
+    engine.add_request("beam", "Hello world", BeamSearchParams(beam_width=3, max_tokens=4), priority=-2)
+    seen: dict[str, int] = {}
+    while engine.has_unfinished_requests():
+        engine.step()
+        seen.update({rid: r.priority for rid, r in engine.scheduler.requests.items()})
+    assert {rid: p for rid, p in seen.items() if rid.startswith("n#")} == {"n#0": 4, "n#1": 4, "n#2": 4}
+    beams = {rid: p for rid, p in seen.items() if rid.startswith("beam")}
+    assert len(beams) > 1 and set(beams.values()) == {-2}
+
+
+def test_fcfs_refuses_a_priority(tiny_llm):
+    with pytest.raises(ValueError, match=r"^priority must be 0 .*--scheduling-policy priority"):
+        tiny_llm.engine.add_request("p", "hi", SamplingParams(max_tokens=2), priority=1)
+    with pytest.raises(ValueError, match="^priority"):
+        tiny_llm.generate(["hi", "there"], SamplingParams(max_tokens=2), use_tqdm=False, priority=[0, 2])
+    with pytest.raises(ValueError, match="^priority must be an integer"):
+        tiny_llm.engine.add_request("p", "hi", SamplingParams(max_tokens=2), priority=1.5)
+    assert not tiny_llm.engine.has_unfinished_requests()
+    assert tiny_llm.engine.kv_stats().free_blocks == tiny_llm.engine.kv_stats().total_blocks
+    assert tiny_llm.generate(["hi"], SamplingParams(max_tokens=2), use_tqdm=False, priority=[0])[0].finished
+
+
+def test_priority_needs_continuous_batching(tiny_llama_dir):
+    with pytest.raises(ValueError, match="scheduling_policy must be 'fcfs' with policy 'static'"):
+        LLM(str(tiny_llama_dir), policy="static", scheduling_policy="priority")

@@ -19,3 +19,17 @@ def test_serve_options():
                                       "--served-model-name", "tiny"])
     assert (args.port, args.api_key, args.max_queued_requests, args.max_num_seqs) == (9001, "k", 3, 2)
     assert args.served_model_name == "tiny"
+
+
+def test_scheduling_policy_flag():
+    import pytest
+
+    from pagedserve.config import EngineConfig
+    from pagedserve.entrypoints.cli import engine_kwargs
+
+    args = build_parser().parse_args(["serve", "--scheduling-policy", "priority"])
+    assert engine_kwargs(args)["scheduling_policy"] == "priority"
+    assert EngineConfig.from_kwargs("m", **engine_kwargs(args)).scheduler.scheduling_policy == "priority"
+    assert "scheduling_policy" not in engine_kwargs(build_parser().parse_args(["serve"]))  # fcfs, the default
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--scheduling-policy", "lifo"])

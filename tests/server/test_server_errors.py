@@ -71,6 +71,11 @@ CASES = [
     ("chat/completions", {"messages": MSG, "max_completion_tokens": -1}, "max_completion_tokens"),
     ("chat/completions", {"messages": MSG, "max_completion_tokens": 100000}, "max_completion_tokens"),
     ("chat/completions", {"messages": MSG, "temperature": None, "top_p": "x"}, "top_p"),
+    # this server runs --scheduling-policy fcfs: a priority is refused, not silently ignored
+    ("completions", {"prompt": "hi", "priority": 1}, "priority"),
+    ("completions", {"prompt": "hi", "priority": "high"}, "priority"),
+    ("completions", {"prompt": "hi", "n": 2, "use_beam_search": True, "priority": -1}, "priority"),
+    ("chat/completions", {"messages": MSG, "priority": 3}, "priority"),
 ]
 
 

@@ -78,7 +78,9 @@ class BeamGroup:
 
     def _fork(self, parent: Request, s: Scheduler) -> Request:
         child = Request(f"{self.request_id}@beam{self.next_beam}", parent.prompt_token_ids, parent.params,
-                        parent.eos_token_id, parent.arrival_time, cache_salt=parent.cache_salt)
+                        parent.eos_token_id, parent.arrival_time, cache_salt=parent.cache_salt,
+                        priority=parent.priority)
+        child.queue_order = parent.queue_order  # one request: its beams rank together
         self.next_beam += 1
         child.output_token_ids = list(parent.output_token_ids)
         child.status = RequestStatus.RUNNING

@@ -8,8 +8,8 @@ only place that advances `num_computed_tokens`, appends tokens, checks stop cond
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from pagedserve.core.request import Request, RequestStatus
 from pagedserve.core.sched.beam_group import BeamGroup
 from pagedserve.core.sched.continuous import schedule_continuous
 from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.core.sched.request_queue import WaitingQueue, make_waiting_queue
 from pagedserve.core.sched.static import schedule_static
 from pagedserve.engine.core_messages import EngineCoreOutput, EngineCoreOutputs
 from pagedserve.worker.runner_output import ModelRunnerOutput
@@ -40,7 +41,9 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        # Admission order and preemption victims follow config.scheduling_policy (request_queue.py).
+        self.waiting: WaitingQueue = make_waiting_queue(config.scheduling_policy)
+        self._arrivals = itertools.count()  # Request.queue_order: ties of equal arrival times
         self.running: list[Request] = []
         self.num_preemptions = 0
         self._finished_ids: set[str] = set()
@@ -60,9 +63,10 @@ class Scheduler:
         if self.config.policy != "continuous":  # static reservations cannot follow forking beams
             raise ValueError(f"beam search needs the continuous policy, this engine runs {self.config.policy!r}")
         request.beam_group = request.request_id
+        request.queue_order = next(self._arrivals)
         self.beam_groups[request.request_id] = BeamGroup.start(request, params)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def add_request(self, request: Request, fork_of: str | None = None) -> None:
         """Queue a request. With `fork_of` (an n > 1 sibling), it shares that request's prompt: it
@@ -71,12 +75,13 @@ class Scheduler:
         if request.request_id in self.requests:
             raise ValueError(f"request_id {request.request_id!r} is already in the engine")
         self.requests[request.request_id] = request
+        request.queue_order = next(self._arrivals)
         parent = self.requests.get(fork_of) if fork_of else None
         if (parent is not None and self.config.policy == "continuous" and not parent.output_token_ids
                 and parent.num_computed_tokens < parent.num_tokens):
             self._forks.setdefault(parent.request_id, []).append(request)
         else:
-            self.waiting.append(request)
+            self.waiting.add(request)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self._forks)
@@ -97,7 +102,7 @@ class Scheduler:
     # --- helpers the policies share ----------------------------------------------------------------
 
     def preempt(self, req: Request) -> None:
-        """Free its blocks; it waits at the front of the queue and is recomputed when readmitted.
+        """Free its blocks; it waits again (fcfs: at the front) and is recomputed when readmitted.
         A beam's siblings waiting for it (parked, holding blocks) go back to the queue with it, so
         that no blocks are held by sequences that cannot advance."""
         group = self.beam_groups.get(req.beam_group) if req.beam_group is not None else None
@@ -113,7 +118,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self.waiting.requeue(req)
 
     def start_running(self, req: Request) -> None:
         req.status = RequestStatus.RUNNING
@@ -229,7 +234,9 @@ class Scheduler:
     def _release_forks(self, children: list[Request]) -> None:
         """The sibling they waited for left before computing its prompt: they compute their own (and
         take whatever of it the prefix cache holds)."""
-        self.waiting.extend(c for c in children if not c.is_finished)
+        for c in children:
+            if not c.is_finished:
+                self.waiting.add(c)
 
     def reset_prefix_cache(self) -> bool:
         return self.kv.reset_prefix_cache()

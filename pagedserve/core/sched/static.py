@@ -15,11 +15,11 @@ def schedule_static(s: Scheduler) -> SchedulerOutput:
     kv, config = s.kv, s.config
     if not s.running:
         while s.waiting and len(s.running) < config.max_num_seqs:
-            req = s.waiting[0]
+            req = s.waiting.peek()
             # Reserve the whole prompt + max_tokens now: a static batch never preempts.
             if not kv.allocate_slots(req, 0, num_lookahead_tokens=req.max_total_tokens):
                 break
-            s.waiting.popleft()
+            s.waiting.pop()
             s.start_running(req)
     out = SchedulerOutput()
     budget = config.max_num_batched_tokens

@@ -66,6 +66,7 @@ class SamplingFields(OpenAIModel):
     use_beam_search: bool = False  # with n = the beam width
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    priority: int = 0  # vLLM's extension: lower is served first (needs --scheduling-policy priority)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -161,11 +161,12 @@ class OpenAIServing:
             raise input_error(e) from None
 
     def engine_inputs(self, request_id: str, prompts: Sequence[Prompt], params: SamplingParams, arrival_time: float,
-                      prompt_param: str, max_tokens_param: str, cache_salt: str | None = None) -> list[EngineInput]:
+                      prompt_param: str, max_tokens_param: str, cache_salt: str | None = None,
+                      priority: int = 0) -> list[EngineInput]:
         """The input processor's checks (the engine's limits), with the wire names in its errors."""
         try:
             return [self.inputs.process_tokens(f"{request_id}-{i}", p.text or None, p.token_ids, params,
-                                               arrival_time, prompt_param, max_tokens_param, cache_salt)
+                                               arrival_time, prompt_param, max_tokens_param, cache_salt, priority)
                     for i, p in enumerate(prompts)]
         except InputError as e:
             raise input_error(e) from None
@@ -196,7 +197,8 @@ class OpenAIServing:
                 prompt = {"prompt_token_ids": p.token_ids}
                 if req.cache_salt is not None:
                     prompt["cache_salt"] = req.cache_salt
-                inp = self.inputs.process_beam_search(f"{request_id}-{i}", prompt, params, arrival_time)
+                inp = self.inputs.process_beam_search(f"{request_id}-{i}", prompt, params, arrival_time,
+                                                      req.priority)
                 inp.prompt = p.text or None
                 out.append(inp)
             return out

@@ -114,7 +114,7 @@ class OpenAIServingChat:
             inputs = s.beam_inputs(request_id, req, [Prompt("", ids)], beam_max, arrival, "messages")
         else:
             inputs = s.engine_inputs(request_id, [Prompt("", ids)], params, arrival, "messages", max_param,
-                                     req.cache_salt)
+                                     req.cache_salt, req.priority)
         group = await s.admit(inputs)
         try:
             if req.stream:

@@ -133,7 +133,8 @@ class OpenAIServingCompletion:
         if req.use_beam_search:
             inputs = s.beam_inputs(request_id, req, prompts, max(max_tokens, 1), arrival, "prompt")
         else:
-            inputs = s.engine_inputs(request_id, prompts, params, arrival, "prompt", "max_tokens", req.cache_salt)
+            inputs = s.engine_inputs(request_id, prompts, params, arrival, "prompt", "max_tokens", req.cache_salt,
+                                     req.priority)
         group = await s.admit(inputs)
         try:
             if req.stream:
