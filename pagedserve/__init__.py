@@ -1,7 +1,15 @@
 """pagedserve: a readable LLM inference engine with a paged KV cache and continuous batching."""
 
 from pagedserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from pagedserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedserve.outputs import (
+    CompletionOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    Logprob,
+    RequestMetrics,
+    RequestOutput,
+)
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 from pagedserve.structured_output.params import StructuredOutputsParams
 
@@ -21,5 +29,6 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "EngineConfig", "CacheConfig", "SchedulerConfig",
-           "RequestOutput", "CompletionOutput", "RequestMetrics", "Logprob", "__version__"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "BeamSearchParams", "StructuredOutputsParams", "PoolingParams",
+           "EngineConfig", "CacheConfig", "SchedulerConfig", "RequestOutput", "CompletionOutput", "RequestMetrics",
+           "Logprob", "EmbeddingRequestOutput", "EmbeddingOutput", "__version__"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pagedserve.pooling_params import POOLING_TYPES
 from pagedserve.spec_decode.config import SpeculativeConfig
 
 QUANTIZATION_METHODS = ("int8", "w8a8", "gguf")  # pagedserve/model/quantization
@@ -111,6 +112,12 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = field(default=None, metadata=option(
         "speculative decoding as JSON, e.g. '{\"method\": \"ngram\", \"num_speculative_tokens\": 4}' "
         "(methods: ngram, draft_model, layer_skip)", parse=SpeculativeConfig.parse))
+    # vLLM's default pooler for a causal LM run with --task embed: LAST + normalize. In a causal model
+    # only the last token has attended to the whole prompt (last-token embedding models, e5-mistral
+    # or gte-Qwen2, are trained so), and it lets embeddings take prefix-cache hits; MEAN cannot.
+    pooling_type: str = field(default="LAST", metadata=option(
+        "how embeddings pool the final hidden states: LAST (the last prompt token's, vLLM's default for "
+        "a causal LM) or MEAN (over every prompt token)", choices=POOLING_TYPES))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -120,6 +127,7 @@ class EngineConfig:
             _require(self.scheduler.policy == "continuous", "policy",
                      "'continuous' with speculative_config (the static baseline reserves no draft slots)",
                      self.scheduler.policy)
+        _require(self.pooling_type in POOLING_TYPES, "pooling_type", f"one of {POOLING_TYPES}", self.pooling_type)
         _require(self.dtype in _DTYPES, "dtype", f"one of {tuple(_DTYPES)}", self.dtype)
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
                  f"None or one of {QUANTIZATION_METHODS}", self.quantization)

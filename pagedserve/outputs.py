@@ -1,4 +1,5 @@
-"""What the engine hands back: RequestOutput with one CompletionOutput per sample."""
+"""What the engine hands back: RequestOutput with one CompletionOutput per sample (a pooling request:
+its vector in `pooling_output`), and `LLM.embed`'s EmbeddingRequestOutput."""
 
 from __future__ import annotations
 
@@ -76,3 +77,31 @@ class RequestOutput:
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache (None until admitted)
     # With SamplingParams.prompt_logprobs: per prompt token, its logprob dict (None for the first token).
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # A pooling request (PoolingParams): its vector, on its one output (finished, no tokens).
+    pooling_output: list[float] | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What `LLM.embed` returns per prompt (vLLM's shape)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+
+    @classmethod
+    def from_base(cls, out: RequestOutput) -> EmbeddingRequestOutput:
+        if out.pooling_output is None:
+            raise ValueError(f"request {out.request_id!r} has no pooled output (finish reason "
+                             f"{out.outputs[0].finish_reason if out.outputs else None!r})")
+        return cls(out.request_id, EmbeddingOutput(list(out.pooling_output)), out.prompt_token_ids, out.finished)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -28,15 +29,18 @@ class RequestStatus(enum.Enum):
 
 
 class Request:
-    """One sequence. `n > 1` requests reach the core as n of these (one per sample)."""
+    """One sequence. `n > 1` requests reach the core as n of these (one per sample). A pooling
+    request (`pooling_params`, an embedding) computes its prompt and finishes: nothing is sampled."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_id: int | None = None, arrival_time: float | None = None,
-                 seed: int | None = None, cache_salt: str | None = None, priority: int = 0) -> None:
+                 seed: int | None = None, cache_salt: str | None = None,
+                 pooling_params: PoolingParams | None = None, priority: int = 0) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
+        self.pooling_params = pooling_params  # its pooling_type already filled in by the engine core
         self.eos_token_id = eos_token_id
         self.seed = seed
         self.status = RequestStatus.WAITING
@@ -83,13 +87,19 @@ class Request:
 
     @property
     def max_total_tokens(self) -> int:
-        """Tokens this request may hold in the KV cache at most (prompt + max_tokens)."""
+        """Tokens this request may hold in the KV cache at most (prompt + max_tokens; a pooling
+        request holds its prompt only)."""
+        if self.pooling_params is not None:
+            return self.num_prompt_tokens
         return self.num_prompt_tokens + (self.params.max_tokens or 0)
 
     @property
     def skip_prefix_cache(self) -> bool:
-        """Prompt logprobs need every prompt position's logits, so such a request computes its whole
-        prompt instead of taking cache hits (its computed blocks are still offered to others)."""
+        """Prompt logprobs need every prompt position's logits, and MEAN pooling every prompt token's
+        hidden state, so such a request computes its whole prompt instead of taking cache hits (its
+        computed blocks are still offered to others)."""
+        if self.pooling_params is not None and self.pooling_params.needs_every_token:
+            return True
         return self.params.prompt_logprobs is not None
 
     @property

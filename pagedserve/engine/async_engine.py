@@ -32,6 +32,7 @@ from pagedserve.engine.input_processor import EngineInput, InputProcessor, Promp
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.protocol import EngineClient, EngineStats, ModelInfo, StepHook
 from pagedserve.outputs import RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -291,8 +292,8 @@ class AsyncLLMEngine(EngineClient):
     # --- requests (event loop) ----------------------------------------------------------------
 
     async def add_request(self, request_id: str, prompt: PromptType | EngineInput,
-                          params: SamplingParams | None = None, arrival_time: float | None = None,
-                          priority: int = 0) -> RequestStream:
+                          params: SamplingParams | PoolingParams | None = None,
+                          arrival_time: float | None = None, priority: int = 0) -> RequestStream:
         """Queue a request and wait until the engine accepted it. `prompt` may be an EngineInput the
         caller validated with `input_processor` (then `params`, `arrival_time` and `priority` are its own).
 
@@ -312,7 +313,11 @@ class AsyncLLMEngine(EngineClient):
                 raise ValueError(f"request_id {request_id!r} differs from the input's {request.request_id!r}")
         else:
             arrival = time.monotonic() if arrival_time is None else arrival_time
-            request = self._input_processor.process(request_id, prompt, params, arrival, priority=priority)
+            if isinstance(params, PoolingParams):
+                request = self._input_processor.process_pooling(request_id, prompt, params, arrival,
+                                                                priority=priority)
+            else:
+                request = self._input_processor.process(request_id, prompt, params, arrival, priority=priority)
         stream = RequestStream(request_id, self.stream_interval)
         self._streams[request_id] = stream
         future: asyncio.Future[None] = self._loop.create_future()

@@ -3,16 +3,17 @@
     step() = scheduler.schedule() -> model_runner.execute(scheduler_output)
              -> scheduler.update_from_output(scheduler_output, runner_output)
 
-It takes EngineCoreRequests (token ids, validated params) and answers EngineCoreOutputs (token ids);
-it never sees text. Everything else — tokenizing, validation, detokenizing, stop strings, n > 1
-groups, streaming — is the front end's (input_processor.py, output_processor.py).
+It takes EngineCoreRequests (token ids, validated params) and answers EngineCoreOutputs (token ids,
+or a pooling request's vector); it never sees text. Everything else — tokenizing, validation,
+detokenizing, stop strings, n > 1 groups, streaming — is the front end's (input_processor.py,
+output_processor.py).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -103,8 +104,11 @@ class EngineCore:
         return self.kv.pool.num_blocks * self.kv.block_size
 
     def add_request(self, request: EngineCoreRequest) -> None:
+        pooling = request.pooling_params
+        if pooling is not None and pooling.pooling_type is None:  # the engine's pooler config
+            pooling = replace(pooling, pooling_type=self.config.pooling_type)
         req = Request(request.request_id, request.prompt_token_ids, request.params, request.eos_token_id,
-                      request.arrival_time, request.seed, request.cache_salt, request.priority)
+                      request.arrival_time, request.seed, request.cache_salt, pooling, request.priority)
         if request.params.structured_outputs is not None:
             self.structured_outputs().compile(request.params.structured_outputs)  # cached; errors before admission
         if request.beam_search is not None:
@@ -131,6 +135,7 @@ class EngineCore:
         start = time.monotonic()
         sched = self.scheduler.schedule()
         if sched.empty:
+            self.runner.forget(sched.finished_req_ids)
             return EngineCoreOutputs([], time.monotonic())
         runner_output = self.runner.execute(sched)
         outputs = self.scheduler.update_from_output(sched, runner_output)

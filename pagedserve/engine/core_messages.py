@@ -3,8 +3,8 @@
 The front end (input processor) turns a prompt into an EngineCoreRequest; the core answers every
 step with one EngineCoreOutput per request that made progress: new token ids (a list: one step may
 accept several), raw logprobs, and a finish reason once the core stopped it on token ids (EOS, a stop
-token, max_tokens, the context length). Text — detokenizing, stop strings, logprob strings — is the
-front end's (output processor).
+token, max_tokens, the context length); a pooling request gets one, finished, with its vector. Text —
+detokenizing, stop strings, logprob strings — is the front end's (output processor).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pagedserve.core.beam_search import BeamHypothesis, BeamSearchParams
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 # Per sampled token: (its logprob, [(token id, logprob)] top-N of the final distribution).
@@ -32,6 +33,7 @@ class EngineCoreRequest:
     fork_of: str | None = None
     beam_search: BeamSearchParams | None = None  # beam search in the core instead of sampling
     priority: int = 0  # lower is served first (--scheduling-policy priority); n > 1 siblings share it
+    pooling_params: PoolingParams | None = None  # a prompt-only request answered with its pooled vector
 
 
 @dataclass
@@ -46,6 +48,7 @@ class EngineCoreOutput:
     num_cached_tokens: int | None = None  # on the first output: prompt tokens served from the prefix cache
     prompt_logprobs: list[RawLogprob] | None = None  # on the first output: prompt tokens 1.. (when asked)
     beams: list[BeamHypothesis] | None = None  # a finished beam search: its beams, best first
+    pooling_output: list[float] | None = None  # a finished pooling request: its pooled vector (float32 values)
 
     @property
     def finished(self) -> bool:

@@ -9,6 +9,7 @@ import copy
 from dataclasses import dataclass, replace
 
 from pagedserve.engine.core_messages import EngineCoreRequest
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = str | list[int] | dict
@@ -37,10 +38,15 @@ class EngineInput:
     cache_salt: str | None = None
     beam_search: BeamSearchParams | None = None  # then params only carry max_tokens (the length check)
     priority: int = 0  # lower is served first (--scheduling-policy priority); every sequence inherits it
+    pooling_params: PoolingParams | None = None  # an embedding: then params are a placeholder (nothing is sampled)
 
     def core_requests(self) -> list[EngineCoreRequest]:
         """n > 1 becomes n sequences `id#i`, seeded seed + i; all but the first fork from the first's
         prompt blocks."""
+        if self.pooling_params is not None:
+            return [EngineCoreRequest(self.request_id, self.prompt_token_ids, self.params, self.eos_token_id,
+                                      self.arrival_time, None, self.cache_salt, pooling_params=self.pooling_params,
+                                      priority=self.priority)]
         if self.beam_search is not None:  # one core request: the core forks its beams
             return [EngineCoreRequest(self.request_id, self.prompt_token_ids, self.params, self.eos_token_id,
                                       self.arrival_time, None, self.cache_salt, beam_search=self.beam_search,
@@ -55,7 +61,8 @@ class EngineInput:
 
 class InputProcessor:
     def __init__(self, tokenizer, vocab_size: int, max_model_len: int, capacity_tokens: int,
-                 eos_token_id: int | None, model_name: str = "", scheduling_policy: str = "fcfs") -> None:
+                 eos_token_id: int | None, model_name: str = "", scheduling_policy: str = "fcfs",
+                 hidden_size: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -63,6 +70,7 @@ class InputProcessor:
         self.eos_token_id = eos_token_id
         self.model_name = model_name
         self.scheduling_policy = scheduling_policy  # the engine's: may a request carry a priority
+        self.hidden_size = hidden_size  # an embedding's length
 
     def copy_for_another_thread(self) -> InputProcessor:
         """The same processor with its own tokenizer, for a thread that tokenizes while another one
@@ -72,7 +80,7 @@ class InputProcessor:
         except Exception:
             tokenizer = self.tokenizer
         return InputProcessor(tokenizer, self.vocab_size, self.max_model_len, self.capacity_tokens,
-                              self.eos_token_id, self.model_name, self.scheduling_policy)
+                              self.eos_token_id, self.model_name, self.scheduling_policy, self.hidden_size)
 
     @property
     def limit(self) -> int:
@@ -172,6 +180,44 @@ class InputProcessor:
                              f"{self.capacity_tokens}", "beam_width")
         inp.beam_search = params
         return inp
+
+    def process_pooling(self, request_id: str, prompt: PromptType, params: PoolingParams | None,
+                        arrival_time: float, prompt_field: str = "prompt", priority: int = 0) -> EngineInput:
+        """An embedding request: the prompt checks of any request, its own limits."""
+        params = params or PoolingParams()
+        if not isinstance(params, PoolingParams):
+            raise InputError("pooling_params must be a PoolingParams", "pooling_params")
+        text, ids = self.tokenize_prompt(prompt)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        return self.process_pooling_tokens(request_id, text, ids, params, arrival_time, prompt_field, salt, priority)
+
+    def process_pooling_tokens(self, request_id: str, text: str | None, ids: list[int], params: PoolingParams,
+                               arrival_time: float, prompt_field: str = "prompt",
+                               cache_salt: str | None = None, priority: int = 0) -> EngineInput:
+        """For token ids the caller has already checked. Nothing is generated, so the prompt may fill
+        the whole context."""
+        self.check_priority(priority)
+        limit = self.limit
+        if params.dimensions is not None and self.hidden_size is not None and params.dimensions != self.hidden_size:
+            raise InputError(f"dimensions must be this model's hidden size ({self.hidden_size}), got "
+                             f"{params.dimensions}: it has no Matryoshka training to shorten its embeddings",
+                             "dimensions")
+        keep = params.truncate_prompt_tokens
+        if keep is not None:
+            if keep > limit:
+                raise InputError(f"truncate_prompt_tokens={keep} exceeds the context length of {limit} tokens",
+                                 "truncate_prompt_tokens")
+            ids = ids[-(limit if keep == -1 else keep):]  # vLLM's left truncation: the last tokens stay
+        if len(ids) > limit:
+            raise InputError(f"{prompt_field} has {len(ids)} tokens; this model's context allows at most {limit} "
+                             f"(max_model_len={self.max_model_len}, KV capacity={self.capacity_tokens} tokens)",
+                             prompt_field, "context_length_exceeded")
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise InputError("cache_salt must be a non-empty string", "cache_salt")
+        # A placeholder for the parts of the core that read sampling params; nothing is sampled.
+        placeholder = SamplingParams(temperature=0.0, max_tokens=1)
+        return EngineInput(request_id, text, list(ids), placeholder, arrival_time, self.eos_token_id, cache_salt,
+                           pooling_params=params, priority=priority)
 
     def process_tokens(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams,
                        arrival_time: float, prompt_field: str = "prompt",

@@ -21,6 +21,7 @@ from pagedserve.engine.output_processor import OutputProcessor
 from pagedserve.engine.protocol import EngineStats, ModelInfo
 from pagedserve.model.loader import load_tokenizer
 from pagedserve.outputs import RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 __all__ = ["LLMEngine", "PromptType", "StepRecord"]
@@ -36,7 +37,8 @@ class LLMEngine:
         self.eos_token_id = eos[0] if isinstance(eos, list) else eos
         self.input_processor = InputProcessor(self.tokenizer, self.core.model_config.vocab_size,
                                               self.core.max_model_len, self.core.capacity_tokens,
-                                              self.eos_token_id, config.model, config.scheduler.scheduling_policy)
+                                              self.eos_token_id, config.model, config.scheduler.scheduling_policy,
+                                              self.core.model_config.hidden_size)
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending_outputs: list[RequestOutput] = []  # abort outputs, handed out by the next step
         self._ids = itertools.count()
@@ -112,16 +114,18 @@ class LLMEngine:
     # --- requests -----------------------------------------------------------------------------
 
     def process_input(self, request_id: str | None, prompt: PromptType,
-                      params: SamplingParams | BeamSearchParams | None = None,
+                      params: SamplingParams | BeamSearchParams | PoolingParams | None = None,
                       arrival_time: float | None = None, priority: int = 0) -> EngineInput:
         request_id = str(next(self._ids)) if request_id is None else request_id
         arrival = time.monotonic() if arrival_time is None else arrival_time
         if isinstance(params, BeamSearchParams):
             return self.input_processor.process_beam_search(request_id, prompt, params, arrival, priority)
+        if isinstance(params, PoolingParams):  # an embedding: the prompt only, answered with its vector
+            return self.input_processor.process_pooling(request_id, prompt, params, arrival, priority=priority)
         return self.input_processor.process(request_id, prompt, params, arrival, priority=priority)
 
     def add_request(self, request_id: str | None, prompt: PromptType,
-                    params: SamplingParams | BeamSearchParams | None = None,
+                    params: SamplingParams | BeamSearchParams | PoolingParams | None = None,
                     arrival_time: float | None = None, priority: int = 0) -> str:
         """Validate and queue a request. Raises ValueError (naming the field) before touching the engine.
         `priority`: lower is served first; non-zero needs scheduling_policy="priority"."""

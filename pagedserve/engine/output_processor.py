@@ -38,6 +38,7 @@ class _Group:
     metrics: RequestMetrics
     num_cached_tokens: int | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    pooling_output: list[float] | None = None
 
     @property
     def finished(self) -> bool:
@@ -112,6 +113,8 @@ class OutputProcessor:
             m.num_preemptions = out.num_preemptions
             if out.num_cached_tokens is not None:
                 group.num_cached_tokens = out.num_cached_tokens
+            if out.pooling_output is not None:
+                group.pooling_output = out.pooling_output
             if out.prompt_logprobs is not None:
                 prompt = group.request.prompt_token_ids
                 group.prompt_logprobs = [None] + [self._logprob_dict(t, lp)
@@ -195,7 +198,7 @@ class OutputProcessor:
         r = group.request
         return RequestOutput(r.request_id, r.prompt, r.prompt_token_ids, completions, finished=group.finished,
                              metrics=group.metrics, num_cached_tokens=group.num_cached_tokens,
-                             prompt_logprobs=group.prompt_logprobs)
+                             prompt_logprobs=group.prompt_logprobs, pooling_output=group.pooling_output)
 
     def _forget(self, group: _Group) -> None:
         self._groups.pop(group.request.request_id, None)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheStats
 from pagedserve.engine.input_processor import EngineInput, InputProcessor, PromptType
 from pagedserve.outputs import RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 from pagedserve.spec_decode.stats import SpecDecodeStats
 
@@ -68,12 +69,13 @@ class EngineClient(ABC):
 
     @abstractmethod
     async def add_request(self, request_id: str, prompt: PromptType | EngineInput,
-                          params: SamplingParams | None = None,
+                          params: SamplingParams | PoolingParams | None = None,
                           arrival_time: float | None = None,
                           priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Queue a request (a prompt, or one the input processor already validated) and return the
         stream of its outputs; raises ValueError when it is refused, before it reaches the core.
-        `priority` (lower first) needs the priority scheduling policy when non-zero."""
+        `priority` (lower first) needs the priority scheduling policy when non-zero. With
+        PoolingParams (an embedding) the stream has one output, finished, its vector in `pooling_output`."""
 
     @abstractmethod
     def abort(self, request_id: str) -> None:

@@ -1,4 +1,5 @@
-"""Offline inference: `LLM(model=...).generate(prompts, params)` and `.chat(messages, params)`."""
+"""Offline inference: `LLM(model=...).generate(prompts, params)`, `.chat(messages, params)` and
+`.embed(prompts)`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from tqdm import tqdm
 
 from pagedserve.config import EngineConfig
 from pagedserve.engine.llm_engine import LLMEngine, PromptType
-from pagedserve.outputs import RequestOutput
+from pagedserve.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import BeamSearchParams, SamplingParams
 
 Message = dict[str, str]
@@ -97,6 +99,32 @@ class LLM:
         return [BeamSearchOutput([BeamSearchSequence(c.token_ids, c.text, c.cumulative_logprob, c.finish_reason)
                                   for c in r.outputs]) for r in results]
 
+    def embed(self, prompts: PromptType | Sequence[PromptType],
+              pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+              use_tqdm: bool = True) -> list[EmbeddingRequestOutput]:
+        """vLLM's `embed`: each prompt's pooled final hidden state (the engine's pooling_type, L2-normalized
+        unless the params say otherwise), in input order. The prompts run through the same scheduler and
+        KV cache as generation, prompt only."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                                 and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params_list = [pooling_params or PoolingParams()] * len(prompts)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} pooling_params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, params in zip(prompts, params_list, strict=True):
+                ids.append(self.engine.add_request(None, prompt, params))
+        except Exception:
+            self.engine.abort_request(ids)
+            self.engine.step()
+            raise
+        return [EmbeddingRequestOutput.from_base(out) for out in self._run(ids, use_tqdm, "Embedding")]
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's name); False while requests still hold blocks."""
         return self.engine.reset_prefix_cache()
@@ -104,10 +132,10 @@ class LLM:
     def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
         return self.engine.input_processor.apply_chat_template(conversation, add_generation_prompt)
 
-    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool, desc: str = "Generating") -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}
         wanted = set(ids)
-        bar = tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm, dynamic_ncols=True)
+        bar = tqdm(total=len(ids), desc=desc, unit="req", disable=not use_tqdm, dynamic_ncols=True)
         start = time.monotonic()
         generated = 0
         while len(results) < len(ids) and self.engine.has_unfinished_requests():

@@ -9,6 +9,9 @@ logits sampled (at every position from that token on: one row, or one per specul
 With speculative decoding, each request's rows are the target's tokens at the draft positions; the
 drafts it agrees with are accepted (rejection_sampler.accept_prefix), and the speculator then drafts
 the next step's proposals.
+
+A pooling request (an embedding) is never sampled: its rows' final hidden states go to the Pooler,
+which hands back its vector once the step completes its prompt (ModelRunnerOutput.pooler_output).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pagedserve.sample.sampler import Sampler, SamplerOutput
 from pagedserve.spec_decode.speculator import Speculator
 from pagedserve.structured_output.manager import StructuredOutputManager
 from pagedserve.worker.flat_batch import TokenRun, build_flat_batch
+from pagedserve.worker.pooler import Pooler
 from pagedserve.worker.runner_output import ModelRunnerOutput
 
 PROMPT_LOGPROB_ROWS = 256
@@ -68,6 +72,7 @@ class ModelRunner:
         self.sampler = Sampler(model.fused)
         self.speculator: Speculator | None = None  # set by the engine when speculative decoding is on
         self.structured: StructuredOutputManager | None = None  # set at the first constrained request
+        self.pooler = Pooler()
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -105,7 +110,7 @@ class ModelRunner:
                     sample_rows.append(first + j)
                     sampled.append(req)
                     prefixes.append(drafts[:j])
-            elif end >= req.num_tokens:  # every known token is in the cache now: sample the next one
+            elif end >= req.num_tokens and req.pooling_params is None:  # all known tokens cached: sample
                 for r in [req, *s.forks]:
                     sample_rows.append(len(ids) - 1)
                     sampled.append(r)
@@ -126,8 +131,7 @@ class ModelRunner:
         self.backend.copy_blocks(self.kv_caches, sched.blocks_to_copy)  # before anything writes the copies
         if self.speculator is not None:
             self.speculator.proposer.copy_blocks(sched.blocks_to_copy)
-        if self.structured is not None:
-            self.structured.forget(sched.finished_req_ids)
+        self.forget(sched.finished_req_ids)
         inputs = self.prepare_inputs(sched)
         hidden = self.speculator.proposer.forward(inputs) if self.speculator is not None else None
         if hidden is None:  # (a proposer may run the step itself, reusing its drafting work)
@@ -135,6 +139,7 @@ class ModelRunner:
         prompt_logprobs = {req.request_id: (start, self._score_prompt(hidden, req, row, start, rows))
                            for req, row, start, rows in inputs.prompt_scoring}
         out = ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
+        out.pooler_output = self.pooler.pool(hidden, inputs.segments)
         if inputs.sampled:
             logits = self.model.compute_logits(hidden[inputs.sample_indices])
             if self.structured is not None:
@@ -147,6 +152,13 @@ class ModelRunner:
             emitted = dict(zip(out.req_ids, out.sampled_token_ids, strict=True))
             out.spec_token_ids = self.speculator.after_step(sched, emitted, time.perf_counter() - started)
         return out
+
+    def forget(self, request_ids: set[str]) -> None:
+        """Drop the state of requests that left the core (grammar matchers, partial pooling sums); the
+        engine calls it on a step with nothing to run too, or that state would outlive an idle engine."""
+        if self.structured is not None:
+            self.structured.forget(request_ids)
+        self.pooler.forget(request_ids)
 
     def _collect(self, out: ModelRunnerOutput, inputs: ModelInputs, result: SamplerOutput) -> None:
         """Rows → tokens per request: one row each, or, for a request verifying drafts, its accepted

@@ -1,4 +1,5 @@
-"""What the model runner returns for one step: sampled token ids per request (a list each)."""
+"""What the model runner returns for one step: sampled token ids per request (a list each), and the
+vectors of the pooling requests whose prompt it completed."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class ModelRunnerOutput:
     logits_rows: dict[str, torch.Tensor] = field(default_factory=dict)
     # Speculative decoding: tokens proposed for the next step, by request id.
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    # Pooling requests whose prompt this step completed: the pooled vector, by request id.
+    pooler_output: dict[str, list[float]] = field(default_factory=dict)
 
     def index(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.req_ids)}

@@ -28,7 +28,7 @@ SERVER_DIR = Path(pagedserve.__file__).parent / "entrypoints" / "openai"
 # What the server may import from the package: the client interface and plain data.
 ALLOWED = ("pagedserve.engine.protocol", "pagedserve.engine.async_engine", "pagedserve.engine.input_processor",
            "pagedserve.outputs", "pagedserve.sampling_params", "pagedserve.entrypoints", "pagedserve.config",
-           "pagedserve.structured_output.params")  # request parameters, like sampling_params
+           "pagedserve.structured_output.params", "pagedserve.pooling_params")  # request parameters
 ENGINE_INTERNALS = {"scheduler", "runner", "kv_caches", "kv_stats", "step_records", "output_processor", "core"}
 
 

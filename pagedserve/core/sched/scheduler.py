@@ -3,7 +3,8 @@ tokens do to them.
 
 `schedule()` follows the configured policy (continuous.py, static.py); `update_from_output()` is the
 only place that advances `num_computed_tokens`, appends tokens, checks stop conditions on token ids
-(EOS, stop token ids, max_tokens, the context length) and frees the blocks of finished requests.
+(EOS, stop token ids, max_tokens, the context length) and frees the blocks of finished requests. A
+pooling request finishes there too, once the runner has pooled its whole prompt.
 """
 
 from __future__ import annotations
@@ -160,6 +161,10 @@ class Scheduler:
                     self._append_tokens(child, runner.sampled_token_ids[index[child.request_id]],
                                         runner.logprobs[index[child.request_id]] if runner.logprobs else None,
                                         outputs)
+            if req.pooling_params is not None:  # prompt-only: done once the runner pooled its prompt
+                if req.request_id in runner.pooler_output:
+                    self._finish_pooling(req, runner.pooler_output[req.request_id], outputs)
+                continue
             if not new_ids:
                 continue  # a prompt chunk that did not reach the prompt's end
             if req.beam_group is not None:
@@ -178,6 +183,14 @@ class Scheduler:
             reason = "stop" if final and final[0].finish_reason == "stop" else "length"
             outputs.append(EngineCoreOutput(group.request_id, [], finish_reason=reason, beams=final,
                                             first_scheduled_time=beam.first_scheduled_time))
+
+    def _finish_pooling(self, req: Request, vector: list[float], outputs: list[EngineCoreOutput]) -> None:
+        """A pooling request's prompt is computed: it finishes with its vector, no token appended."""
+        outputs.append(EngineCoreOutput(req.request_id, [], finish_reason=RequestStatus.FINISHED_STOPPED.value,
+                                        first_scheduled_time=req.first_scheduled_time,
+                                        num_preemptions=req.num_preemptions, num_cached_tokens=req.num_cached_tokens,
+                                        pooling_output=vector))
+        self.finish_request(req, RequestStatus.FINISHED_STOPPED)
 
     def _append_tokens(self, req: Request, new_ids: list[int], logprobs: list | None,
                        outputs: list[EngineCoreOutput]) -> None:

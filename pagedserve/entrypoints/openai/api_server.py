@@ -35,9 +35,11 @@ from pagedserve.entrypoints.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from pagedserve.entrypoints.openai.protocol_embeddings import EmbeddingRequest
 from pagedserve.entrypoints.openai.serving_base import OpenAIServing, ServerConfig
 from pagedserve.entrypoints.openai.serving_chat import OpenAIServingChat, apply_chat_template
 from pagedserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
+from pagedserve.entrypoints.openai.serving_embedding import OpenAIServingEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> Fast
     serving = OpenAIServing(async_engine, config)
     completions = OpenAIServingCompletion(serving)
     chat = OpenAIServingChat(serving)
+    embeddings = OpenAIServingEmbedding(serving)
     metrics.on_step(async_engine.initial_stats(), [])  # gauges hold real values before the first request
 
     @asynccontextmanager
@@ -117,6 +120,10 @@ def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> Fast
     @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
     async def create_chat_completion(request: Request) -> Response:
         return await chat.create(await parse_body(request, ChatCompletionRequest), request)
+
+    @app.post("/v1/embeddings", openapi_extra=_body_schema(EmbeddingRequest))
+    async def create_embedding(request: Request) -> Response:
+        return await embeddings.create(await parse_body(request, EmbeddingRequest), request)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:

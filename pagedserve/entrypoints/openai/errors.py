@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from fastapi.responses import JSONResponse
 
+from pagedserve.pooling_params import PoolingParams
 from pagedserve.sampling_params import SamplingParams
 
 
@@ -54,10 +55,12 @@ def internal_error(message: str) -> APIError:
 _FIELD = re.compile(r"^([a-z_][a-z0-9_]*) ")
 _KNOWN_FIELDS = set(SamplingParams.__dataclass_fields__) | {"prompt", "prompt_token_ids", "messages", "beam_width",
                                                              "length_penalty", "early_stopping"}
+_KNOWN_FIELDS |= set(PoolingParams.__dataclass_fields__)
 
 
 def from_value_error(e: ValueError, renames: dict[str, str] | None = None) -> APIError:
-    """SamplingParams / LLMEngine messages begin with the field they are about: make that the param."""
+    """SamplingParams / PoolingParams / LLMEngine messages begin with the field they are about: make that
+    the param."""
     message = str(e)
     m = _FIELD.match(message)
     param = m.group(1) if m and m.group(1) in _KNOWN_FIELDS else None

@@ -102,6 +102,8 @@ class EngineMetrics:
 
     def _record(self, out: RequestOutput) -> None:
         generated = sum(len(c.token_ids_delta) for c in out.outputs)
+        if out.pooling_output is not None:  # an embedding: its prompt was prefilled, nothing generated
+            self.prompt_tokens.inc(len(out.prompt_token_ids))
         if generated:
             self.generation_tokens.inc(generated)
             if out.request_id not in self._prefilled:  # the first token means the prompt was prefilled
