@@ -15,7 +15,7 @@ from tests.server.test_server_support import launch_server, sse_events
 
 MSG = [{"role": "user", "content": "Tell me a story about a dragon."}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {
-    "type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"], "additionalProperties": False}}}
+    "type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["x"], "additionalProperties": False}}}
 SDK_ONLY = {"extra_headers", "extra_query", "extra_body", "timeout"}
 
 
@@ -121,7 +121,8 @@ CHAT_EFFECTS = {
     "stream_options": lambda s: _stream(s, "/v1/chat/completions", {
         "messages": MSG, "stream": True, "max_tokens": 3, "stream_options": {"include_usage": True}})[-1][
         "usage"]["completion_tokens"] > 0,
-    "tools": lambda s: chat(s, tools=[TOOL], tool_choice="required", max_tokens=40)["choices"][0][
+    "tools": lambda s: chat(s, tools=[TOOL], tool_choice="required", parallel_tool_calls=False, max_tokens=40)[
+        "choices"][0][
         "message"]["tool_calls"][0]["function"]["name"] == "f",
     "tool_choice": lambda s: json.loads(chat(s, tools=[TOOL], tool_choice={"type": "function", "function": {
         "name": "f"}}, max_tokens=40)["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])["x"]
@@ -164,7 +165,8 @@ COMPLETION_EFFECTS = {
     "frequency_penalty": lambda s: _repeats_then_differs(s, cmpl, "frequency_penalty"),
     "presence_penalty": lambda s: _repeats_then_differs(s, cmpl, "presence_penalty"),
     "logit_bias": lambda s: _forced_token(s, cmpl),
-    "logprobs": lambda s: all(len(t) == 2 for t in cmpl(s, logprobs=2, max_tokens=3)["choices"][0]["logprobs"][
+    "logprobs": lambda s: all(len(t) == 2 for t in cmpl(s, logprobs=2, max_tokens=3, temperature=0)["choices"][0][
+        "logprobs"][
         "top_logprobs"]),
     "seed": lambda s: _seeded(s, cmpl),
     "temperature": lambda s: _temperature(s, cmpl),
