@@ -1,7 +1,9 @@
 """Structured outputs on vs off: the 64-request workload of throughput.py at 64 seats, greedy, each
 request either free or constrained by its own JSON schema (64 distinct schemas, so every one is
 compiled), with ignore_eos off so that constrained replies end when their JSON does. Prints output
-tok/s both ways, the per-schema compile times and the mean per-step mask cost.
+tok/s both ways, step time p50 / p99 / max both ways (a compile on the step would show as a stalled
+step: grammars compile on a worker thread instead), the per-schema compile times and the mask cost
+per step.
 
     .venv/bin/python benchmarks/structured_outputs.py [--runs 3]
 """
@@ -25,11 +27,36 @@ def schema(i: int) -> dict:
         "ok": {"type": "boolean"}}, "required": [f"name_{i}", "count", "tags", "ok"], "additionalProperties": False}
 
 
-def run(llm: LLM, prompts: list[dict], params: list[SamplingParams]) -> tuple[float, list[int]]:
-    """(seconds, output length per request)."""
+def run(llm: LLM, prompts: list[dict], params: list[SamplingParams]) -> tuple[float, list[int], list[float]]:
+    """(seconds, output length per request, step durations)."""
+    engine = llm.engine
+    engine.step_records.clear()
+    engine.record_steps = True
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
-    return time.perf_counter() - start, [len(o.outputs[0].token_ids) for o in outs]
+    seconds = time.perf_counter() - start
+    engine.record_steps = False
+    steps = [r.duration for r in engine.step_records if r.num_seqs]
+    return seconds, [len(o.outputs[0].token_ids) for o in outs], steps
+
+
+def step_summary(steps: list[float]) -> str:
+    q = statistics.quantiles(steps, n=100)
+    return f"step p50 {statistics.median(steps) * 1e3:.1f} / p99 {q[98] * 1e3:.1f} / max {max(steps) * 1e3:.1f} ms"
+
+
+class MaskTimer:
+    """Wraps the manager's apply to add up the time spent masking."""
+
+    def __init__(self, manager) -> None:
+        self.seconds, self.calls, self._apply = 0.0, 0, manager.apply
+        manager.apply = self
+
+    def __call__(self, *args) -> None:
+        start = time.perf_counter()
+        self._apply(*args)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
 
 
 def main() -> None:
@@ -40,17 +67,21 @@ def main() -> None:
     work = make_workload(llm.get_tokenizer(), 64, 0)
     prompts = [{"prompt_token_ids": ids} for ids, _ in work]
     run(llm, prompts[:4], [SamplingParams(temperature=0, max_tokens=8)] * 4)  # warm-up
+    timer = MaskTimer(llm.engine.core.structured_outputs())
     for r in range(args.runs):
         so = [SamplingParams(temperature=0, max_tokens=n,
                              structured_outputs=StructuredOutputsParams(json=schema(64 * r + i)))
               for i, (_, n) in enumerate(work)]
-        t_on, lengths = run(llm, prompts, so)
+        timer.seconds, timer.calls = 0.0, 0
+        t_on, lengths, steps_on = run(llm, prompts, so)
+        mask_ms = timer.seconds / max(timer.calls, 1) * 1e3
         # the same output lengths without the grammar, so both runs decode the same number of tokens
         free = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
-        t_off, _ = run(llm, prompts, free)
+        t_off, _, steps_off = run(llm, prompts, free)
         n_on = n_off = sum(lengths)
         print(f"run {r}: structured {n_on / t_on:.1f} tok/s ({n_on} tokens), free {n_off / t_off:.1f} tok/s "
               f"({n_off} tokens): {n_on / t_on / (n_off / t_off):.3f}x")
+        print(f"  structured {step_summary(steps_on)}, mask {mask_ms:.2f} ms/step; free {step_summary(steps_off)}")
     compile_s = llm.engine.core.structured_outputs().compile_seconds
     if compile_s:
         print(f"grammar compile: {len(compile_s)} schemas, median {statistics.median(compile_s) * 1e3:.2f} ms, "

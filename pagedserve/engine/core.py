@@ -36,7 +36,11 @@ from pagedserve.model.registry import model_class_for
 from pagedserve.spec_decode.factory import build_speculator
 from pagedserve.spec_decode.stats import SpecDecodeStats
 from pagedserve.structured_output.manager import StructuredOutputManager
+from pagedserve.structured_output.pending import PendingGrammars
 from pagedserve.worker.model_runner import ModelRunner, kv_block_bytes
+
+# How long an otherwise idle step blocks on a compiling grammar before it returns to its caller.
+GRAMMAR_WAIT_S = 0.05
 
 
 @dataclass
@@ -89,6 +93,7 @@ class EngineCore:
             self.runner.speculator = build_speculator(spec, self)
             if spec.needs_lookahead_slots:
                 self.scheduler.num_lookahead_tokens = spec.num_speculative_tokens
+        self.pending_grammars = PendingGrammars()  # constrained requests whose grammar is compiling
         self.record_steps = False
         self.step_records: list[StepRecord] = []
 
@@ -109,16 +114,27 @@ class EngineCore:
             pooling = replace(pooling, pooling_type=self.config.pooling_type)
         req = Request(request.request_id, request.prompt_token_ids, request.params, request.eos_token_id,
                       request.arrival_time, request.seed, request.cache_salt, pooling, request.priority)
-        if request.params.structured_outputs is not None:
-            self.structured_outputs().compile(request.params.structured_outputs)  # cached; errors before admission
+        if request.request_id in self.scheduler.requests:  # now, not when its grammar is ready
+            raise ValueError(f"request_id {request.request_id!r} is already in the engine")
         if request.beam_search is not None:
-            self.scheduler.add_beam_search(req, request.beam_search)
+            def admit() -> None:
+                self.scheduler.add_beam_search(req, request.beam_search)
         else:
-            self.scheduler.add_request(req, fork_of=request.fork_of)
+            def admit() -> None:
+                self.scheduler.add_request(req, fork_of=request.fork_of)
+        if request.params.structured_outputs is None:
+            admit()
+            return
+        grammar = self.structured_outputs().compile_async(request.params.structured_outputs)
+        if grammar.done() and not grammar.exception():
+            admit()  # a cached grammar: straight to the scheduler
+        else:
+            self.pending_grammars.add(request.request_id, grammar, admit)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
         """Finish them now and free their blocks; returns the ids that were still in the core."""
-        return self.scheduler.abort_requests(request_ids)
+        request_ids = list(request_ids)
+        return self.pending_grammars.abort(request_ids) + self.scheduler.abort_requests(request_ids)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's reset_prefix_cache): False while requests still hold
@@ -126,19 +142,25 @@ class EngineCore:
         return self.scheduler.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.pending_grammars)
 
     def running_request_ids(self) -> list[str]:
         return [r.request_id for r in self.scheduler.running]
 
     def step(self) -> EngineCoreOutputs:
         start = time.monotonic()
+        failed = []
+        if self.pending_grammars:
+            if not self.scheduler.has_unfinished():  # idle but for compiling grammars: wait for one
+                self.pending_grammars.wait(GRAMMAR_WAIT_S)
+            failed = self.pending_grammars.release()
         sched = self.scheduler.schedule()
         if sched.empty:
             self.runner.forget(sched.finished_req_ids)
-            return EngineCoreOutputs([], time.monotonic())
+            return EngineCoreOutputs(failed, time.monotonic())
         runner_output = self.runner.execute(sched)
         outputs = self.scheduler.update_from_output(sched, runner_output)
+        outputs.outputs[:0] = failed
         if self.record_steps:
             self.step_records.append(StepRecord(
                 start=start, duration=time.monotonic() - start, num_seqs=len(sched.scheduled),

@@ -74,10 +74,14 @@ class LLM:
 
     def chat(self, messages: list[Message] | list[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             tools: list[dict] | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them (with `tools`, OpenAI
+        function definitions, shown as the template shows them), then generate. The reply is text:
+        the server's tool_choice turns it into tool calls."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt)} for c in conversations]
+        prompts = [{"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt, tools)}
+                   for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
@@ -129,8 +133,9 @@ class LLM:
         """Forget every cached prefix block (vLLM's name); False while requests still hold blocks."""
         return self.engine.reset_prefix_cache()
 
-    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True) -> list[int]:
-        return self.engine.input_processor.apply_chat_template(conversation, add_generation_prompt)
+    def apply_chat_template(self, conversation: list[Message], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> list[int]:
+        return self.engine.input_processor.apply_chat_template(conversation, add_generation_prompt, tools)
 
     def _run(self, ids: list[str], use_tqdm: bool, desc: str = "Generating") -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

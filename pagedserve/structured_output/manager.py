@@ -9,6 +9,7 @@ speculative drafts is masked at the state after its drafts, found by accepting t
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -25,19 +26,29 @@ class StructuredOutputManager:
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
-        self._compiled: dict[tuple[str, str], Any] = {}
+        # Grammars compile on one worker thread, off the engine step (pending.py holds their requests).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._compiled: dict[tuple[str, str], Future] = {}
         self._matchers: dict[str, tuple[Any, int]] = {}  # request id -> (matcher, output tokens it has seen)
+        self._batch = xgr.BatchGrammarMatcher(max_threads=1)
         self.compile_seconds: list[float] = []  # one entry per grammar compiled (not per cache hit)
 
-    def compile(self, params: StructuredOutputsParams) -> Any:
-        """The compiled grammar, from the cache or compiled now."""
+    def compile_async(self, params: StructuredOutputsParams) -> Future:
+        """The compiled grammar as a future: done at once for a cached one, else compiling."""
         key = params.key()
-        if key in self._compiled:
-            return self._compiled[key]
+        future = self._compiled.get(key)
+        if future is None or (future.done() and future.exception() is not None):  # a failure is not cached
+            future = self._compiled[key] = self._worker.submit(self._compile, params)
+        return future
+
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """The compiled grammar, waiting for it if it is still compiling."""
+        return self.compile_async(params).result()
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:
         start = time.perf_counter()
         compiled = self._compiler.compile_grammar(params.to_grammar())  # params checked the grammar parses
         self.compile_seconds.append(time.perf_counter() - start)
-        self._compiled[key] = compiled
         return compiled
 
     def _matcher(self, req: Request) -> Any:
@@ -59,6 +70,9 @@ class StructuredOutputManager:
             return
         xgr = self._xgr
         bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)  # all tokens allowed
+        fill: list[Any] = []  # matchers whose next-token mask xgrammar fills, all rows in one call
+        fill_rows: list[int] = []
+        rollbacks: list[tuple[Any, int]] = []
         for i in constrained:
             matcher = self._matcher(rows[i])
             taken = 0
@@ -67,7 +81,8 @@ class StructuredOutputManager:
                     break
                 taken += 1
             if taken == len(prefixes[i]) and not matcher.is_terminated():
-                matcher.fill_next_token_bitmask(bitmask, i)
+                fill.append(matcher)
+                fill_rows.append(i)
             elif taken == len(prefixes[i]):  # the grammar is complete: only a stop token may follow
                 bitmask[i] = 0
                 for stop in matcher.stop_token_ids:  # bit 31 of an int32 word is its sign
@@ -75,7 +90,11 @@ class StructuredOutputManager:
                     bitmask[i, stop // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit
             # else: a draft the grammar refuses; this row's token is never used (the draft is rejected)
             if taken:
-                matcher.rollback(taken)
+                rollbacks.append((matcher, taken))
+        if fill:
+            self._batch.batch_fill_next_token_bitmask(fill, bitmask, fill_rows)
+        for matcher, taken in rollbacks:
+            matcher.rollback(taken)
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=constrained)
 
     def forget(self, request_ids: set[str]) -> None:

@@ -297,3 +297,15 @@ def test_fcfs_refuses_a_priority(tiny_llm):
 def test_priority_needs_continuous_batching(tiny_llama_dir):
     with pytest.raises(ValueError, match="scheduling_policy must be 'fcfs' with policy 'static'"):
         LLM(str(tiny_llama_dir), policy="static", scheduling_policy="priority")
+
+
+def test_chat_shows_tools_through_the_template(tiny_tool_llama_dir):
+    """LLM.chat(tools=...) renders the tools the way the model's template shows them (vLLM's argument)."""
+    llm = LLM(str(tiny_tool_llama_dir), num_blocks=64, block_size=4, max_num_seqs=2)
+    tool = {"type": "function", "function": {"name": "lookup_city", "parameters": {"type": "object"}}}
+    conv = [{"role": "user", "content": "hi"}]
+    text = llm.get_tokenizer().decode(llm.apply_chat_template(conv, tools=[tool]))
+    assert "<tools>" in text and "lookup_city" in text
+    assert "<tools>" not in llm.get_tokenizer().decode(llm.apply_chat_template(conv))
+    out = llm.chat(conv, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False, tools=[tool])
+    assert out[0].prompt_token_ids == llm.apply_chat_template(conv, tools=[tool])

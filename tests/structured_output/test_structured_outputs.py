@@ -133,3 +133,82 @@ def test_after_the_grammar_ends_only_stop_tokens_follow(llm):
     body = [t for t in out.token_ids if t not in stops]
     assert out.text == "yes" and len(body) < len(out.token_ids)
     assert out.token_ids[:len(body)] == body and set(out.token_ids[len(body):]) <= stops
+
+
+class _GatedCompile:
+    """Holds every grammar compilation until the test opens the gate (a compile that takes as long as
+    the test wants, without timing), then compiles for real."""
+
+    def __init__(self, manager, fail: bool = False) -> None:
+        import threading
+
+        self.manager, self.fail = manager, fail
+        self.gate = threading.Event()
+        self._real = manager._compile
+        manager._compile = self
+
+    def __call__(self, params):
+        self.gate.wait(timeout=60)
+        if self.fail:
+            raise RuntimeError("xgrammar failed")
+        return self._real(params)
+
+    def restore(self) -> None:
+        self.gate.set()
+        self.manager._compile = self._real
+
+
+def _fresh_schema(tag: str) -> dict:  # a schema no earlier test compiled
+    return {"type": "object", "properties": {tag: {"enum": ["a", "b"]}}, "required": [tag],
+            "additionalProperties": False}
+
+
+def test_a_compiling_grammar_never_stalls_the_batch(llm):
+    """While a new schema compiles, running requests keep producing tokens every step and the
+    constrained request waits outside the scheduler; once compiled it runs and its output validates."""
+    engine = llm.engine
+    gated = _GatedCompile(engine.core.structured_outputs())
+    try:
+        engine.add_request("plain", PROMPTS[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+        schema = _fresh_schema("stall_probe")
+        engine.add_request("constrained", PROMPTS[1], _params(StructuredOutputsParams(json=schema)))
+        assert len(engine.core.pending_grammars) == 1 and "constrained" not in engine.core.scheduler.requests
+        progressed = []
+        for _ in range(5):
+            progressed += [o.request_id for o in engine.step()]
+        assert progressed.count("plain") == 5 and "constrained" not in progressed
+        gated.gate.set()
+        outs = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[o.request_id] = o
+        jsonschema.validate(json.loads(outs["constrained"].outputs[0].text), schema)
+        # the same tokens as with the grammar already cached
+        again = llm.generate([PROMPTS[1]], [_params(StructuredOutputsParams(json=schema))], use_tqdm=False)[0]
+        assert again.outputs[0].token_ids == outs["constrained"].outputs[0].token_ids
+    finally:
+        gated.restore()
+    assert engine.kv_stats().free_blocks == engine.kv_stats().total_blocks
+
+
+def test_abort_while_compiling_and_a_failed_compile(llm):
+    engine = llm.engine
+    gated = _GatedCompile(engine.core.structured_outputs(), fail=True)
+    try:
+        engine.add_request("waits", PROMPTS[2], _params(StructuredOutputsParams(json=_fresh_schema("abort_probe"))))
+        engine.abort_request(["waits"])
+        assert not engine.core.pending_grammars
+        assert [o.outputs[0].finish_reason for o in engine.step()] == ["abort"]
+        engine.add_request("fails", PROMPTS[2], _params(StructuredOutputsParams(json=_fresh_schema("fail_probe"))))
+        engine.add_request("fine", PROMPTS[3], SamplingParams(temperature=0, max_tokens=5))
+        gated.gate.set()
+        outs = {}
+        while engine.has_unfinished_requests():
+            for o in engine.step():
+                outs[o.request_id] = o
+        assert outs["fails"].outputs[0].finish_reason == "abort"
+        assert outs["fine"].outputs[0].finish_reason in ("stop", "length")
+    finally:
+        gated.restore()
+    assert not engine.core.pending_grammars
+    assert engine.kv_stats().free_blocks == engine.kv_stats().total_blocks
