@@ -70,19 +70,24 @@ class StructuredOutputManager:
             return
         xgr = self._xgr
         bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)  # all tokens allowed
-        fill: list[Any] = []  # matchers whose next-token mask xgrammar fills, all rows in one call
-        fill_rows: list[int] = []
-        rollbacks: list[tuple[Any, int]] = []
+        # Rows at a matcher's current state are filled together in one call; a row after speculative
+        # drafts shares its request's matcher with the other draft rows, so it is filled on its own
+        # (accept the drafts, fill, roll back) and every matcher is back at its state for the batch.
+        batch: list[Any] = []
+        batch_rows: list[int] = []
         for i in constrained:
             matcher = self._matcher(rows[i])
+            if not prefixes[i] and not matcher.is_terminated():
+                batch.append(matcher)
+                batch_rows.append(i)
+                continue
             taken = 0
             for token in prefixes[i]:  # the drafts this row comes after
                 if not matcher.accept_token(token):
                     break
                 taken += 1
             if taken == len(prefixes[i]) and not matcher.is_terminated():
-                fill.append(matcher)
-                fill_rows.append(i)
+                matcher.fill_next_token_bitmask(bitmask, i)
             elif taken == len(prefixes[i]):  # the grammar is complete: only a stop token may follow
                 bitmask[i] = 0
                 for stop in matcher.stop_token_ids:  # bit 31 of an int32 word is its sign
@@ -90,11 +95,9 @@ class StructuredOutputManager:
                     bitmask[i, stop // 32] |= bit - (1 << 32) if bit >= 1 << 31 else bit
             # else: a draft the grammar refuses; this row's token is never used (the draft is rejected)
             if taken:
-                rollbacks.append((matcher, taken))
-        if fill:
-            self._batch.batch_fill_next_token_bitmask(fill, bitmask, fill_rows)
-        for matcher, taken in rollbacks:
-            matcher.rollback(taken)
+                matcher.rollback(taken)
+        if batch:
+            self._batch.batch_fill_next_token_bitmask(batch, bitmask, batch_rows)
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=constrained)
 
     def forget(self, request_ids: set[str]) -> None:
