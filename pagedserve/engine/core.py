@@ -101,7 +101,7 @@ class EngineCore:
         """The grammar manager, built (with the tokenizer's vocabulary) at the first constrained request."""
         if self.runner.structured is None:
             self.runner.structured = StructuredOutputManager(load_tokenizer(self.model_path),
-                                                             self.model_config.vocab_size)
+                                                             self.model_config.vocab_size, self.runner.sampler.ops)
         return self.runner.structured
 
     @property

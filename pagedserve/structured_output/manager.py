@@ -19,13 +19,15 @@ from pagedserve.structured_output.params import StructuredOutputsParams
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, ops: Any = None) -> None:
+        """`ops`: the fused CPU kernels (their word-wise mask), or None for xgrammar's own kernel."""
         import xgrammar as xgr  # only engines that see a constrained request pay for the import
 
         self._xgr = xgr
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
+        self._ops = ops
         # Grammars compile on one worker thread, off the engine step (pending.py holds their requests).
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
         self._compiled: dict[tuple[str, str], Future] = {}
@@ -98,7 +100,11 @@ class StructuredOutputManager:
                 matcher.rollback(taken)
         if batch:
             self._batch.batch_fill_next_token_bitmask(batch, bitmask, batch_rows)
-        xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=constrained)
+        if self._ops is not None and logits.dtype == torch.float32 and logits.device.type == "cpu" \
+                and logits.is_contiguous():
+            self._ops.apply_token_bitmask_(logits, bitmask, torch.tensor(constrained, dtype=torch.long))
+        else:
+            xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, indices=constrained)
 
     def forget(self, request_ids: set[str]) -> None:
         for rid in request_ids:

@@ -212,3 +212,28 @@ def test_abort_while_compiling_and_a_failed_compile(llm):
         gated.restore()
     assert not engine.core.pending_grammars
     assert engine.kv_stats().free_blocks == engine.kv_stats().total_blocks
+
+
+def test_fused_mask_equals_xgrammars():
+    """The word-wise CPU kernel masks exactly what xgrammar's apply_token_bitmask_inplace masks."""
+    import torch
+    import xgrammar as xgr
+
+    from pagedserve.kernels import cpu_ops
+
+    ops = cpu_ops()
+    if ops is None:
+        pytest.skip("no compiler: the fused kernels are not built")
+    g = torch.Generator().manual_seed(0)
+    vocab = 1000  # not a multiple of 32: the last word is partial
+    bitmask = torch.randint(-2**31, 2**31 - 1, (6, (vocab + 31) // 32), generator=g, dtype=torch.int32)
+    bitmask[1] = 0  # nothing allowed
+    bitmask[2] = -1  # everything allowed
+    bitmask[3, ::2] = 0
+    logits = torch.randn(6, vocab, generator=g)
+    rows = [0, 1, 2, 3, 5]  # row 4 is left alone
+    ours, theirs = logits.clone(), logits.clone()
+    ops.apply_token_bitmask_(ours, bitmask, torch.tensor(rows))
+    xgr.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=vocab, indices=rows)
+    assert torch.equal(ours, theirs) and torch.equal(ours[4], logits[4])
+    assert torch.isinf(ours[1]).all() and torch.equal(ours[2], logits[2])
