@@ -4,6 +4,7 @@
 #
 #   MAX_SEQS=64 bash benchmarks/peers/compare_structured.sh
 #   SERVERS=pagedserve RUNS=3 MAX_SEQS=64 bash benchmarks/peers/compare_structured.sh
+#   VLLM_ARGS="--structured-outputs-config {\"disable_any_whitespace\":true}" ...   (compact JSON, as pagedserve writes it)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
@@ -33,7 +34,7 @@ for server in $SERVERS; do
                  --port "$port" --max-num-seqs "$MAX_SEQS" --log-level warning ${PAGEDSERVE_ARGS:-}) ;;
         vllm)
             [[ -x "$VLLM_PY" ]] || { echo "skip vllm: run setup_vllm_cpu.sh first" >&2; continue; }
-            cmd=(env PORT="$port" bash "$PEERS_DIR/start_vllm.sh") ;;
+            cmd=(env PORT="$port" bash "$PEERS_DIR/start_vllm.sh" ${VLLM_ARGS:-}) ;;
         *) echo "unknown server '$server' (pagedserve, vllm)" >&2; exit 2 ;;
     esac
     url="http://127.0.0.1:$port"

@@ -2,7 +2,8 @@
 `structured_outputs` field (pagedserve, vLLM): the 64-request workload of throughput.py sent at once to
 /v1/completions as token ids, greedy, each request constrained by its own JSON schema (distinct per
 run, so each is compiled), then the same requests unconstrained with the output lengths the
-constrained run produced (ignore_eos), so both passes decode the same number of tokens.
+constrained run produced (ignore_eos), so both passes decode the same number of tokens. Every pass's
+prompts start with their own token, so no pass rides on the previous one's prefix cache.
 
     .venv/bin/python benchmarks/peers/structured_http.py --url http://127.0.0.1:8000 --model smollm2-135m
 """
@@ -23,6 +24,11 @@ from structured_outputs import schema  # noqa: E402  (benchmarks/structured_outp
 from throughput import make_workload  # noqa: E402
 
 from pagedserve.model.loader import load_tokenizer, resolve_model_path  # noqa: E402
+
+
+def fresh(ids: list[int], pass_number: int) -> list[int]:
+    """The prompt after a first token no other pass used: it starts from a cold prefix cache."""
+    return [1000 + pass_number, *ids]
 
 
 async def send_all(url: str, bodies: list[dict]) -> tuple[float, list[int], list[str]]:
@@ -49,7 +55,7 @@ def main() -> None:
     base = {"model": args.model, "temperature": 0}
     asyncio.run(send_all(args.url, [{**base, "prompt": ids, "max_tokens": 4} for ids, _ in work[:4]]))  # warm-up
     for r in range(args.runs):
-        constrained = [{**base, "prompt": ids, "max_tokens": n,
+        constrained = [{**base, "prompt": fresh(ids, 2 * r), "max_tokens": n,
                         "structured_outputs": {"json": schema(10_000 * (r + 1) + i)}}
                        for i, (ids, n) in enumerate(work)]
         t_on, lengths, texts = asyncio.run(send_all(args.url, constrained))
@@ -60,7 +66,7 @@ def main() -> None:
                 valid += 1
             except json.JSONDecodeError:
                 pass
-        free = [{**base, "prompt": ids, "max_tokens": n, "ignore_eos": True}
+        free = [{**base, "prompt": fresh(ids, 2 * r + 1), "max_tokens": n, "ignore_eos": True}
                 for (ids, _), n in zip(work, lengths, strict=True)]
         t_off, free_lengths, _ = asyncio.run(send_all(args.url, free))
         on, off = sum(lengths) / t_on, sum(free_lengths) / t_off

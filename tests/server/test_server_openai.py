@@ -311,3 +311,37 @@ def test_sse_wire_format(server):
     assert events[-1] == "[DONE]"
     for e in events[:-1]:
         assert json.loads(e)["object"] == "text_completion"
+
+
+@pytest.mark.slow
+def test_structured_outputs_many_random_schemas_and_a_grammar(client, server):
+    """100 seeded random schemas (nested objects, arrays, enums, required fields) through the openai
+    client, a quarter of them streamed, all at once: every reply validates; an EBNF grammar too."""
+    import random
+    import re
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jsonschema
+
+    from tests.structured_output.test_structured_outputs import _random_schema
+
+    rng = random.Random(1)
+    schemas = [{"type": "object", "properties": {"v": _random_schema(rng)}, "required": ["v"],
+                "additionalProperties": False} for _ in range(100)]
+
+    def reply(i: int) -> str:
+        kwargs = dict(model=server.model, messages=[{"role": "user", "content": f"Describe item {i} as JSON."}],
+                      max_completion_tokens=300, temperature=0.7, seed=i,
+                      response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schemas[i]}})
+        if i % 4 == 0:
+            return "".join(c.choices[0].delta.content or "" for c in
+                           client.chat.completions.create(stream=True, **kwargs) if c.choices)
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(reply, range(len(schemas))))
+    for schema, text in zip(schemas, replies, strict=True):
+        jsonschema.validate(json.loads(text), schema)
+    grammar = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=30, temperature=1.0, seed=3,
+                                        extra_body={"structured_outputs": {"grammar": 'root ::= "(" [a-c]+ ")"'}})
+    assert re.fullmatch(r"\([a-c]+\)", grammar.choices[0].text)
