@@ -4,7 +4,7 @@
 #
 #   MAX_SEQS=64 bash benchmarks/peers/compare_structured.sh
 #   SERVERS=pagedserve RUNS=3 MAX_SEQS=64 bash benchmarks/peers/compare_structured.sh
-#   VLLM_ARGS="--structured-outputs-config {\"disable_any_whitespace\":true}" ...   (compact JSON, as pagedserve writes it)
+#   VLLM_ARGS='--structured-outputs-config {"backend":"xgrammar","disable_any_whitespace":true}' ...   (compact JSON, as pagedserve writes it)
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 

@@ -100,7 +100,8 @@ class EngineCore:
     def structured_outputs(self) -> StructuredOutputManager:
         """The grammar manager, built (with the tokenizer's vocabulary) at the first constrained request."""
         if self.runner.structured is None:
-            self.runner.structured = StructuredOutputManager(load_tokenizer(self.model_path),
+            path = self.model_path
+            self.runner.structured = StructuredOutputManager(lambda: load_tokenizer(path),
                                                              self.model_config.vocab_size, self.runner.sampler.ops)
         return self.runner.structured
 

@@ -9,6 +9,7 @@ speculative drafts is masked at the state after its drafts, found by accepting t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -19,17 +20,19 @@ from pagedserve.structured_output.params import StructuredOutputsParams
 
 
 class StructuredOutputManager:
-    def __init__(self, tokenizer: Any, vocab_size: int, ops: Any = None) -> None:
-        """`ops`: the fused CPU kernels (their word-wise mask), or None for xgrammar's own kernel."""
+    def __init__(self, tokenizer: Any | Callable[[], Any], vocab_size: int, ops: Any = None) -> None:
+        """`tokenizer`: the HF tokenizer, or a function that loads it (then on the worker thread, with
+        xgrammar's vocabulary tables: seconds that no step waits for). `ops`: the fused CPU kernels
+        (their word-wise mask), or None for xgrammar's own kernel."""
         import xgrammar as xgr  # only engines that see a constrained request pay for the import
 
         self._xgr = xgr
-        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1)
         self.vocab_size = vocab_size
         self._ops = ops
-        # Grammars compile on one worker thread, off the engine step (pending.py holds their requests).
+        # Grammars compile on one worker thread, off the engine step (pending.py holds their requests);
+        # its first job builds the compiler, so the first grammar waits for that too.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-compile")
+        self._compiler = self._worker.submit(self._build_compiler, tokenizer)
         self._compiled: dict[tuple[str, str], Future] = {}
         self._matchers: dict[str, tuple[Any, int]] = {}  # request id -> (matcher, output tokens it has seen)
         self._batch = xgr.BatchGrammarMatcher(max_threads=1)
@@ -47,9 +50,15 @@ class StructuredOutputManager:
         """The compiled grammar, waiting for it if it is still compiling."""
         return self.compile_async(params).result()
 
+    def _build_compiler(self, tokenizer: Any) -> Any:
+        if callable(tokenizer) and not hasattr(tokenizer, "encode"):
+            tokenizer = tokenizer()
+        info = self._xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=self.vocab_size)
+        return self._xgr.GrammarCompiler(info, max_threads=1)
+
     def _compile(self, params: StructuredOutputsParams) -> Any:
         start = time.perf_counter()
-        compiled = self._compiler.compile_grammar(params.to_grammar())  # params checked the grammar parses
+        compiled = self._compiler.result().compile_grammar(params.to_grammar())  # params checked the grammar parses
         self.compile_seconds.append(time.perf_counter() - start)
         return compiled
 
