@@ -94,6 +94,9 @@ class EngineCore:
             if spec.needs_lookahead_slots:
                 self.scheduler.num_lookahead_tokens = spec.num_speculative_tokens
         self.pending_grammars = PendingGrammars()  # constrained requests whose grammar is compiling
+        # The front end's tokenizer when both live in one process (grammars need the vocabulary; loading
+        # another copy from a GGUF takes seconds); else the manager loads its own.
+        self.tokenizer = None
         self.record_steps = False
         self.step_records: list[StepRecord] = []
 
@@ -101,8 +104,9 @@ class EngineCore:
         """The grammar manager, built (with the tokenizer's vocabulary) at the first constrained request."""
         if self.runner.structured is None:
             path = self.model_path
-            self.runner.structured = StructuredOutputManager(lambda: load_tokenizer(path),
-                                                             self.model_config.vocab_size, self.runner.sampler.ops)
+            tokenizer = self.tokenizer if self.tokenizer is not None else (lambda: load_tokenizer(path))
+            self.runner.structured = StructuredOutputManager(tokenizer, self.model_config.vocab_size,
+                                                             self.runner.sampler.ops)
         return self.runner.structured
 
     @property

@@ -31,6 +31,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.core = EngineCore(config)
         self.tokenizer = load_tokenizer(self.core.model_path)
+        self.core.tokenizer = self.tokenizer  # for the grammar compiler's vocabulary tables
         eos = self.tokenizer.eos_token_id
         if eos is None:
             eos = self.core.model_config.eos_token_id
