@@ -90,7 +90,10 @@ class EngineConfig:
     """Everything the engine needs; the model is a name, an HF folder or a GGUF file."""
 
     model: str = "smollm2-135m"
-    dtype: str = field(default="float32", metadata=option("weights and activations", choices=tuple(_DTYPES)))
+    # vLLM's "auto": bfloat16 on CUDA (tensor cores, half the bytes per step), float32 on CPU (the fused
+    # CPU kernels and the quantized matmuls are float32).
+    dtype: str = field(default="auto", metadata=option(
+        "weights and activations (auto: bfloat16 on cuda, float32 on cpu)", choices=("auto", *_DTYPES)))
     device: str = field(default="cpu", metadata=option("cpu or cuda[:N]"))
     max_model_len: int | None = field(default=None, metadata=option("context length (default: the model's)"))
     # Not a flag: --seed is the sampling seed of `generate` and `chat`.
@@ -128,11 +131,11 @@ class EngineConfig:
                      "'continuous' with speculative_config (the static baseline reserves no draft slots)",
                      self.scheduler.policy)
         _require(self.pooling_type in POOLING_TYPES, "pooling_type", f"one of {POOLING_TYPES}", self.pooling_type)
-        _require(self.dtype in _DTYPES, "dtype", f"one of {tuple(_DTYPES)}", self.dtype)
+        _require(self.dtype == "auto" or self.dtype in _DTYPES, "dtype", f"one of {('auto', *_DTYPES)}", self.dtype)
         _require(self.quantization is None or self.quantization in QUANTIZATION_METHODS, "quantization",
                  f"None or one of {QUANTIZATION_METHODS}", self.quantization)
         if self.quantization in ("int8", "w8a8"):
-            _require(self.device == "cpu" and self.dtype == "float32", "quantization",
+            _require(self.device == "cpu" and self.torch_dtype == torch.float32, "quantization",
                      f"used with device 'cpu' and dtype 'float32' ({self.quantization!r} runs on the CPU kernels)",
                      self.quantization)
         _require(self.device == "cpu" or self.device.startswith("cuda"), "device", "'cpu' or 'cuda[:N]'", self.device)
@@ -143,6 +146,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return _DTYPES[self.dtype]
 
     @property

@@ -14,6 +14,9 @@ torch.set_num_threads(2)
 # The parity tests run the engine here (default cpu); PAGEDSERVE_TEST_DEVICE=cuda runs them on a GPU
 # against the same CPU float32 transformers reference.
 ENGINE_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
+# float32 by default: the reference is float32 transformers, and token identity needs the same dtype
+# (on CUDA the engine's own default is bfloat16).
+ENGINE_DTYPE = os.environ.get("PAGEDSERVE_TEST_DTYPE", "float32")
 
 # Prompts of varied length for the parity tests (short questions to a long paragraph).
 PARITY_PROMPTS = [
@@ -109,7 +112,7 @@ def tiny_llm(tiny_llama_dir):
 def smollm2_llm():
     from pagedserve import LLM
 
-    return LLM("smollm2-135m", device=ENGINE_DEVICE)
+    return LLM("smollm2-135m", device=ENGINE_DEVICE, dtype=ENGINE_DTYPE)
 
 
 # A Hermes/Qwen-style chat template with tools: <tools> in the system turn, calls as <tool_call> JSON,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pagedserve import LLM, PoolingParams, SamplingParams
 from pagedserve.engine.core_messages import EngineCoreOutput, EngineCoreRequest
 from pagedserve.engine.input_processor import InputError
-from tests.conftest import ENGINE_DEVICE
+from tests.conftest import ENGINE_DEVICE, ENGINE_DTYPE
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog and keeps running far away",
            "1 2 3 4 5 6", "A", "Once upon a time in a land far, far away, there lived a small dragon who"]
@@ -24,7 +24,7 @@ SAME = dict(rtol=0, atol=1e-6)  # one vector computed two ways by the engine
 
 
 def _llm(folder, **options) -> LLM:
-    return LLM(str(folder), device=ENGINE_DEVICE, **{"num_blocks": 64, "block_size": 4, "max_num_seqs": 8, **options})
+    return LLM(str(folder), device=ENGINE_DEVICE, dtype=ENGINE_DTYPE, **{"num_blocks": 64, "block_size": 4, "max_num_seqs": 8, **options})
 
 
 def _reference(folder, ids: list[int], pooling_type: str, normalize: bool = True) -> torch.Tensor:
@@ -168,7 +168,7 @@ def test_a_preempted_embedding_restarts_and_gives_the_same_vector(tiny_llama_dir
     ref = _vec(_llm(tiny_llama_dir, pooling_type=pooling_type).embed(LONG, use_tqdm=False)[0])
     # 14 blocks of 4 slots: generations growing side by side run out, and the newest running request
     # (the embedding, chunked over several steps) is preempted and recomputed.
-    llm = LLM(str(tiny_llama_dir), device=ENGINE_DEVICE, num_blocks=14, block_size=4, max_num_batched_tokens=6,
+    llm = LLM(str(tiny_llama_dir), device=ENGINE_DEVICE, dtype=ENGINE_DTYPE, num_blocks=14, block_size=4, max_num_batched_tokens=6,
               pooling_type=pooling_type)
     engine = llm.engine
     greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)

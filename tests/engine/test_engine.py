@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from tests.conftest import ENGINE_DEVICE, hf_greedy
+from tests.conftest import ENGINE_DEVICE, ENGINE_DTYPE, hf_greedy
 
 PROMPTS = ["Hello world", "The quick brown fox jumps over the lazy dog and keeps running far away",
            "1 2 3 4 5 6", "A", "Once upon a time in a land far, far away, there lived a small dragon who"]
@@ -24,7 +24,7 @@ def _hf_model(folder):
                          ids=["batch", "preempt", "chunked", "static"])
 def test_greedy_matches_transformers(which, options, request):
     folder = request.getfixturevalue(which)
-    llm = LLM(str(folder), device=ENGINE_DEVICE, **options)
+    llm = LLM(str(folder), device=ENGINE_DEVICE, dtype=ENGINE_DTYPE, **options)
     tok = llm.get_tokenizer()
     hf = _hf_model(folder)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
@@ -85,7 +85,7 @@ def test_block_references_match_their_owners_and_all_are_freed(tiny_llm):
 
 def test_seeded_request_same_alone_and_in_busy_batch(tiny_llama_dir):
     # On ENGINE_DEVICE, so a GPU run also covers every sampler stage (filters, penalties, logprobs).
-    llm = LLM(str(tiny_llama_dir), num_blocks=64, block_size=4, max_num_seqs=8, device=ENGINE_DEVICE)
+    llm = LLM(str(tiny_llama_dir), num_blocks=64, block_size=4, max_num_seqs=8, device=ENGINE_DEVICE, dtype=ENGINE_DTYPE)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, min_p=0.01, repetition_penalty=1.1,
                             presence_penalty=0.2, seed=42, max_tokens=20, logprobs=2)
     alone = llm.generate(["Tell me a story"], seeded, use_tqdm=False)[0].outputs[0]
@@ -164,7 +164,7 @@ def test_llama3_rope_scaling_matches_transformers(tmp_path, smollm2_tokenizer):
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     LlamaForCausalLM(cfg).save_pretrained(str(tmp_path), safe_serialization=True)
     smollm2_tokenizer.save_pretrained(str(tmp_path))
-    llm = LLM(str(tmp_path), device=ENGINE_DEVICE)
+    llm = LLM(str(tmp_path), device=ENGINE_DEVICE, dtype=ENGINE_DTYPE)
     hf = _hf_model(tmp_path)
     prompt = "A long enough prompt so that positions go well past the short original context " * 2
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pagedserve import LLM, SamplingParams
-from tests.conftest import ENGINE_DEVICE, PARITY_PROMPTS, hf_greedy
+from tests.conftest import ENGINE_DEVICE, ENGINE_DTYPE, PARITY_PROMPTS, hf_greedy
 
 MAX_TOKENS = 40
 
@@ -31,13 +31,13 @@ def test_parity_one_continuous_batch(smollm2_llm, hf_reference):
 
 def test_parity_under_preemption(hf_reference):
     # 12 blocks of 16 tokens cannot hold 8 prompts plus their outputs at once: preemption must happen.
-    llm = LLM("smollm2-135m", num_blocks=12, block_size=16, device=ENGINE_DEVICE)
+    llm = LLM("smollm2-135m", num_blocks=12, block_size=16, device=ENGINE_DEVICE, dtype=ENGINE_DTYPE)
     _check(llm, hf_reference)
     assert llm.engine.scheduler.num_preemptions > 0
 
 
 def test_parity_with_chunked_prefill(hf_reference):
-    llm = LLM("smollm2-135m", max_num_batched_tokens=16, device=ENGINE_DEVICE)
+    llm = LLM("smollm2-135m", max_num_batched_tokens=16, device=ENGINE_DEVICE, dtype=ENGINE_DTYPE)
     llm.engine.record_steps = True
     _check(llm, hf_reference)
     # the long prompts (> 16 tokens) were prefilled over several steps
@@ -45,7 +45,7 @@ def test_parity_with_chunked_prefill(hf_reference):
 
 
 def test_parity_static_policy(hf_reference):
-    llm = LLM("smollm2-135m", policy="static", max_num_seqs=3, device=ENGINE_DEVICE)
+    llm = LLM("smollm2-135m", policy="static", max_num_seqs=3, device=ENGINE_DEVICE, dtype=ENGINE_DTYPE)
     _check(llm, hf_reference)
 
 
@@ -59,7 +59,7 @@ def test_parity_with_the_cache_warm_and_partly_hit(hf_smollm2, smollm2_tokenizer
     prompts = [shared + q for q in questions]
     eos = smollm2_tokenizer.eos_token_id
     reference = [hf_greedy(hf_smollm2, smollm2_tokenizer.encode(p), 24, eos) for p in prompts]
-    llm = LLM("smollm2-135m", device=ENGINE_DEVICE, block_size=16)
+    llm = LLM("smollm2-135m", device=ENGINE_DEVICE, dtype=ENGINE_DTYPE, block_size=16)
     rows: list = []
     compute = llm.engine.model.compute_logits
     llm.engine.model.compute_logits = lambda h: rows.append(compute(h).clone()) or rows[-1]
@@ -92,7 +92,7 @@ def test_parity_with_speculative_decoding(hf_reference, method):
     (its own cache follows the target's block tables through it)."""
     spec = {**SPEC_METHODS[method], "disable_by_batch_size": 10_000}
     for options in ({}, {"num_blocks": 12, "block_size": 16}) if method == "draft_model" else ({},):
-        llm = LLM("smollm2-135m", device=ENGINE_DEVICE, speculative_config=spec, **options)
+        llm = LLM("smollm2-135m", device=ENGINE_DEVICE, dtype=ENGINE_DTYPE, speculative_config=spec, **options)
         _check(llm, hf_reference)
         stats = llm.engine.stats().spec_decode
         assert stats.num_draft_tokens > 0
@@ -119,7 +119,7 @@ def float32_kv_tokens(smollm2_llm) -> list[list[int]]:
 def test_16_bit_kv_cache_keeps_greedy_output_close(float32_kv_tokens, kv_cache_dtype):
     """16-bit K/V change the logits slightly, so greedy output may part from float32 KV's at a near tie
     and differ from there on; most positions still agree (docs/kv_cache_dtype.md)."""
-    llm = LLM("smollm2-135m", device=ENGINE_DEVICE, kv_cache_dtype=kv_cache_dtype)
+    llm = LLM("smollm2-135m", device=ENGINE_DEVICE, dtype=ENGINE_DTYPE, kv_cache_dtype=kv_cache_dtype)
     assert llm.engine.runner.kv_caches[0][0].dtype == getattr(torch, kv_cache_dtype)
     params = SamplingParams(temperature=0, max_tokens=KV_AGREEMENT_TOKENS, ignore_eos=True)
     outs = [o.outputs[0].token_ids for o in llm.generate(PARITY_PROMPTS, params, use_tqdm=False)]
