@@ -33,6 +33,7 @@ def _step(query_lens: list[int], seq_lens: list[int], block_size: int, num_block
     return tables, torch.tensor(slots, dtype=torch.long, device=DEVICE)
 
 
+@pytest.mark.parametrize("long_decode", [True, False], ids=["split-k", "one-split"])
 @pytest.mark.parametrize("block_size,head_dim,heads,kv_heads,cache_dtype", [
     (4, 64, 4, 2, torch.float32),
     (16, 64, 9, 3, torch.float32),  # SmolLM2's grouping (3 query heads per KV head)
@@ -40,12 +41,12 @@ def _step(query_lens: list[int], seq_lens: list[int], block_size: int, num_block
     (16, 64, 4, 1, torch.bfloat16),
     (8, 32, 2, 2, torch.float16),
 ])
-def test_triton_matches_the_reference(block_size, head_dim, heads, kv_heads, cache_dtype):
+def test_triton_matches_the_reference(block_size, head_dim, heads, kv_heads, cache_dtype, long_decode):
     gen = torch.Generator().manual_seed(block_size * 100 + head_dim)
     # decode rows (one long enough to be cut into splits), a whole prompt, a later chunk after a cached
     # prefix, a one-token prompt
     query_lens = [1, 1, 1, 1, 21, 7, 1]
-    seq_lens = [5, 33, 17, 700, 21, 40, 1]
+    seq_lens = [5, 33, 17, 700 if long_decode else 9, 21, 40, 1]
     decodes = 4
     num_blocks = 256
     tables, slots = _step(query_lens, seq_lens, block_size, num_blocks, gen)
@@ -55,7 +56,8 @@ def test_triton_matches_the_reference(block_size, head_dim, heads, kv_heads, cac
     k = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
     v = torch.randn(tokens, kv_heads, head_dim, generator=gen).to(DEVICE)
     ref, tri = TorchPagedAttention(), triton_paged.TritonPagedAttention()
-    assert triton_paged.decode_splits(len(query_lens[:decodes]) * kv_heads, 700)[0] > 1  # split-K is exercised
+    splits = triton_paged.decode_splits(decodes * kv_heads, max(seq_lens[:decodes]))[0]
+    assert (splits > 1) == long_decode  # both the merged and the direct decode path are exercised
     caches = {}
     for name, backend in (("ref", ref), ("tri", tri)):
         kc, vc = backend.allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, cache_dtype, DEVICE)

@@ -74,12 +74,13 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr,
 
 
 @triton.jit
-def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, scale,
-                         stride_qt, stride_qh, stride_ch, stride_cb, stride_cs, stride_tb, split_tokens,
+def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
+                         scale, stride_qt, stride_qh, stride_ch, stride_cb, stride_cs, stride_tb, split_tokens,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         TOK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+                         TOK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DIRECT: tl.constexpr):
     """One split of one request's context for one KV head and its query group (split-K): the partial
-    softmax state (max, sum, weighted values) goes to the part buffers; _decode_reduce_kernel merges."""
+    softmax state (max, sum, weighted values) goes to the part buffers; _decode_reduce_kernel merges.
+    DIRECT (one split): the program owns the whole context and writes the output itself."""
     b = tl.program_id(0)
     h = tl.program_id(1)  # the KV head; its query heads are h * GROUP + [0, GROUP)
     split = tl.program_id(2)
@@ -111,6 +112,11 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, part_m_ptr
         total = total * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
+    if DIRECT:
+        out = acc / total[:, None]
+        tl.store(out_ptr + b * stride_qt + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
+        return
     # part buffers: [B, heads, num_splits] (+ [D]) in float32; an empty split leaves max -inf, sum 0
     at = (b * (tl.num_programs(1) * GROUP) + h * GROUP + g) * num_splits + split
     tl.store(part_m_ptr + at, m, mask=gm)
@@ -276,17 +282,20 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     if meta.num_decode_tokens:
         batch = meta.num_decode_tokens
         splits, split_tokens = decode_splits(batch * kv_heads, meta.max_decode_len)
-        part_m = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+        direct = splits == 1  # no merge kernel and no part buffers
+        shape = (1,) if direct else (batch, heads, splits)
+        part_m = torch.empty(shape, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty((batch, heads, splits, d_pad), dtype=torch.float32, device=q.device)
+        part_acc = torch.empty(shape if direct else (*shape, d_pad), dtype=torch.float32, device=q.device)
         tables = meta.decode_block_tables
         _decode_split_kernel[(batch, kv_heads, splits)](
-            q, k_cache, v_cache, tables, meta.decode_context_lens, part_m, part_l, part_acc, scale, *strides,
+            q, k_cache, v_cache, tables, meta.decode_context_lens, part_m, part_l, part_acc, out, scale, *strides,
             tables.stride(0), split_tokens, GROUP=group, G_PAD=max(2, triton.next_power_of_2(group)),
-            BLOCK_SIZE=block_size, TOK=DECODE_TOKENS, HEAD_DIM=head_dim, D_PAD=d_pad)
-        _decode_reduce_kernel[(batch, heads)](
-            part_m, part_l, part_acc, out, q.stride(0), q.stride(1), splits,
-            S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad)
+            BLOCK_SIZE=block_size, TOK=DECODE_TOKENS, HEAD_DIM=head_dim, D_PAD=d_pad, DIRECT=direct)
+        if not direct:
+            _decode_reduce_kernel[(batch, heads)](
+                part_m, part_l, part_acc, out, q.stride(0), q.stride(1), splits,
+                S_PAD=max(2, triton.next_power_of_2(splits)), HEAD_DIM=head_dim, D_PAD=d_pad)
     if meta.num_prefills:
         tables = meta.prefill_block_tables
         grid = (meta.num_prefills, triton.cdiv(meta.max_prefill_len, PREFILL_TILE), heads)
