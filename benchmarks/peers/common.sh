@@ -43,3 +43,16 @@ wait_for_server() {
         sleep 2
     done
 }
+
+SERVER_PID=""
+stop_server() {
+    # Stop the server a script started with `setsid ... &` (SERVER_PID): its whole process group, since
+    # vLLM runs its engine in child processes.
+    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM -- "-$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 60); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
+        kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    SERVER_PID=""
+}

@@ -28,18 +28,7 @@ mkdir -p "$OUT"
 "${BENCH[@]}" workload --workload chapter --requests "$REQUESTS" --rate "$RATE" --max-tokens-scale "$SCALE" \
     --seed "$SEED" --out "$OUT/workload.jsonl"
 
-SERVER_PID=""
-stop_server() {
-    # Stop the server we started (its whole process group: vLLM runs its engine in child processes).
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM -- "-$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 60); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
-        kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=""
-}
-trap stop_server EXIT INT TERM
+trap stop_server EXIT INT TERM  # stop_server: common.sh
 
 measured=()
 for server in $SERVERS; do

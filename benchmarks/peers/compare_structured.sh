@@ -14,17 +14,7 @@ READY_TIMEOUT="${READY_TIMEOUT:-900}"
 OUT="${OUT:-$ROOT/bench-results/structured-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 
-SERVER_PID=""
-stop_server() {
-    if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
-        kill -TERM -- "-$SERVER_PID" 2>/dev/null || kill -TERM "$SERVER_PID" 2>/dev/null || true
-        for _ in $(seq 60); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
-        kill -KILL -- "-$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-    fi
-    SERVER_PID=""
-}
-trap stop_server EXIT INT TERM
+trap stop_server EXIT INT TERM  # stop_server: common.sh
 
 for server in $SERVERS; do
     port="$(free_port)"

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pagedserve.attention.backends.block_copy import copy_blocks_along
+from pagedserve.attention.backends.head_major import HeadMajorCache
 from pagedserve.attention.metadata import (
     CommonAttentionMetadata,
     DecodePrefillMetadata,
-    decodes_first,
     split_decode_prefill,
 )
 
@@ -45,31 +44,16 @@ class TorchAttentionMetadata(DecodePrefillMetadata):
         return meta
 
 
-class TorchPagedAttention:
+class TorchPagedAttention(HeadMajorCache):
     """The backend object a model layer calls; it also owns the cache layout and builds the per-step
     metadata only it needs."""
 
     name = "torch"
 
-    def __init__(self) -> None:
-        self._cache_shape: tuple[int, ...] | None = None
-
-    def reorder_batch(self, query_lens: list[int]) -> list[int]:
-        return decodes_first(query_lens)
-
     def build_metadata(self, common: CommonAttentionMetadata) -> TorchAttentionMetadata:
         assert self._cache_shape is not None, "allocate_kv_cache first"
         kv_heads, num_blocks = self._cache_shape[:2]
         return TorchAttentionMetadata.build(common, kv_heads, num_blocks)
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                          dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (kv_heads, num_blocks, block_size, head_dim)
-        self._cache_shape = shape
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-
-    def copy_blocks(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
-        copy_blocks_along(kv_caches, copies, block_dim=1)  # blocks are dim 1 of both caches
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: TorchAttentionMetadata, scale: float) -> torch.Tensor:

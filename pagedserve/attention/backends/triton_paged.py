@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedserve.attention.backends.block_copy import copy_blocks_along
-from pagedserve.attention.metadata import CommonAttentionMetadata, decodes_first, split_decode_prefill
+from pagedserve.attention.backends.head_major import HeadMajorCache
+from pagedserve.attention.metadata import CommonAttentionMetadata, split_decode_prefill
 
 PREFILL_TILE = 16  # query rows per prefill program
 PREFILL_TOKENS = 32  # keys per inner step of a prefill program
@@ -227,28 +227,13 @@ class TritonAttentionMetadata:
                    ctxs, seg_tables, max((s.length for s in segs), default=0))
 
 
-class TritonPagedAttention:
-    """The backend a model layer calls on CUDA; same interface as the PyTorch reference."""
+class TritonPagedAttention(HeadMajorCache):
+    """The backend a model layer calls on CUDA; the reference's cache layout and batch order."""
 
     name = "triton"
 
-    def __init__(self) -> None:
-        self._cache_shape: tuple[int, ...] | None = None
-
-    def reorder_batch(self, query_lens: list[int]) -> list[int]:
-        return decodes_first(query_lens)
-
     def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
         return TritonAttentionMetadata.build(common)
-
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                          dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (kv_heads, num_blocks, block_size, head_dim)
-        self._cache_shape = shape
-        return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
-
-    def copy_blocks(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], copies: list[tuple[int, int]]) -> None:
-        copy_blocks_along(kv_caches, copies, block_dim=1)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: TritonAttentionMetadata, scale: float) -> torch.Tensor:

@@ -27,7 +27,10 @@ def rank(req: Request) -> tuple[int, float, int]:
 
 
 class WaitingQueue(ABC):
-    """Requests waiting for admission (new ones and preempted ones), in the order they are admitted."""
+    """Requests waiting for admission (new ones and preempted ones), in the order they are admitted:
+    `_q`, a deque or a list that the subclass's add and requeue keep in that order."""
+
+    _q: deque[Request] | list[Request]
 
     @abstractmethod
     def add(self, req: Request) -> None:
@@ -38,15 +41,8 @@ class WaitingQueue(ABC):
         """A preempted request, to be recomputed."""
 
     @abstractmethod
-    def peek(self) -> Request:
-        """The next request to admit (the queue is not empty)."""
-
-    @abstractmethod
     def pop(self) -> Request:
         """Remove and return `peek()`."""
-
-    @abstractmethod
-    def remove(self, req: Request) -> None: ...
 
     @abstractmethod
     def victim_index(self, running: list[Request]) -> int:
@@ -56,21 +52,28 @@ class WaitingQueue(ABC):
     def may_preempt(self, waiting: Request, running: Request) -> bool:
         """Whether `waiting`, unable to get a seat or blocks, may preempt `running` (the victim) for them."""
 
-    @abstractmethod
-    def __iter__(self) -> Iterator[Request]: ...
+    def peek(self) -> Request:
+        """The next request to admit (the queue is not empty)."""
+        return self._q[0]
 
-    @abstractmethod
-    def __len__(self) -> int: ...
+    def remove(self, req: Request) -> None:
+        self._q.remove(req)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter(self._q)
+
+    def __len__(self) -> int:
+        return len(self._q)
 
     def __bool__(self) -> bool:
-        return len(self) > 0
+        return len(self._q) > 0
 
-    @abstractmethod
-    def __contains__(self, req: object) -> bool: ...
+    def __contains__(self, req: object) -> bool:
+        return req in self._q
 
-    @abstractmethod
     def __getitem__(self, index: int) -> Request:
         """The index-th request in admission order (`queue[0]` is `peek()`)."""
+        return self._q[index]
 
 
 class FCFSQueue(WaitingQueue):
@@ -83,32 +86,14 @@ class FCFSQueue(WaitingQueue):
     def requeue(self, req: Request) -> None:
         self._q.appendleft(req)
 
-    def peek(self) -> Request:
-        return self._q[0]
-
     def pop(self) -> Request:
         return self._q.popleft()
-
-    def remove(self, req: Request) -> None:
-        self._q.remove(req)
 
     def victim_index(self, running: list[Request]) -> int:
         return len(running) - 1  # the most recently admitted
 
     def may_preempt(self, waiting: Request, running: Request) -> bool:
         return False
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._q)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __contains__(self, req: object) -> bool:
-        return req in self._q
-
-    def __getitem__(self, index: int) -> Request:
-        return self._q[index]
 
 
 class PriorityQueue(WaitingQueue):
@@ -123,14 +108,8 @@ class PriorityQueue(WaitingQueue):
     def requeue(self, req: Request) -> None:
         self.add(req)  # its rank is unchanged: it waits at its place, ahead of later equals
 
-    def peek(self) -> Request:
-        return self._q[0]
-
     def pop(self) -> Request:
         return self._q.pop(0)
-
-    def remove(self, req: Request) -> None:
-        self._q.remove(req)
 
     def victim_index(self, running: list[Request]) -> int:
         # The worst rank; among equals (beams of one search) the most recently admitted, as fcfs.
@@ -139,18 +118,6 @@ class PriorityQueue(WaitingQueue):
     def may_preempt(self, waiting: Request, running: Request) -> bool:
         # Strictly better priority only: equals never preempt each other (no thrashing among them).
         return waiting.priority < running.priority
-
-    def __iter__(self) -> Iterator[Request]:
-        return iter(self._q)
-
-    def __len__(self) -> int:
-        return len(self._q)
-
-    def __contains__(self, req: object) -> bool:
-        return req in self._q
-
-    def __getitem__(self, index: int) -> Request:
-        return self._q[index]
 
 
 def make_waiting_queue(scheduling_policy: str) -> WaitingQueue:

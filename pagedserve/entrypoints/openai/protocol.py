@@ -17,6 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+def is_token_ids(x: Any) -> bool:
+    return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def is_prompt_input(v: Any) -> bool:
+    """A string, a non-empty list of token ids, or a non-empty list of either (completions' `prompt`,
+    embeddings' `input`)."""
+    if isinstance(v, str) or (v and is_token_ids(v)):
+        return True
+    return isinstance(v, list) and bool(v) and (all(isinstance(p, str) for p in v) or all(is_token_ids(p) for p in v))
+
+
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -88,12 +100,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
-        def is_ids(x: Any) -> bool:
-            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-
-        if isinstance(v, str) or (v and is_ids(v)):
-            return v
-        if isinstance(v, list) and v and (all(isinstance(p, str) for p in v) or all(is_ids(p) for p in v)):
+        if is_prompt_input(v):
             return v
         raise ValueError("prompt must be a string, a list of strings, a list of token ids "
                          "or a list of token-id lists")

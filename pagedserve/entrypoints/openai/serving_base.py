@@ -154,6 +154,22 @@ class OpenAIServing:
             return fn(*args)
         return await asyncio.to_thread(fn, *args)
 
+    async def tokenize_inputs(self, inputs: list[str | list[int]], param: str) -> list[Prompt]:
+        """Completions' prompts or embeddings' inputs, each a string (tokenized, off the event loop when
+        long) or token ids (checked); the text is empty for token ids. 400 naming `param`."""
+        if len(inputs) > self.engine.max_in_flight:
+            raise bad_request(f"at most {self.engine.max_in_flight} {param}s per request", param)
+        out = []
+        for p in inputs:
+            if isinstance(p, str):
+                if not p:
+                    raise bad_request(f"{param} must not be empty", param)
+                out.append(Prompt(p, await self.off_loop(len(p), self.encode, p)))
+            else:
+                self.check_token_ids(p, param)
+                out.append(Prompt("", list(p)))
+        return out
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
         try:
             self.inputs.check_token_ids(ids, param)

@@ -87,21 +87,13 @@ class OpenAIServingCompletion:
         self.serving = serving
 
     async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
-        s = self.serving
         raw = req.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
             raw = [raw]
-        if len(raw) > s.engine.max_in_flight:
-            raise bad_request(f"at most {s.engine.max_in_flight} prompts per request", "prompt")
-        prompts = []
-        for p in raw:
-            if isinstance(p, str):
-                if not p:
-                    raise bad_request("prompt must not be empty", "prompt")
-                prompts.append(Prompt(p, await s.off_loop(len(p), s.encode, p)))
-            else:
-                s.check_token_ids(p, "prompt")
-                prompts.append(Prompt(s.tokenizer.decode(p) if req.echo else "", list(p)))
+        prompts = await self.serving.tokenize_inputs(raw, "prompt")
+        if req.echo:  # echo shows token-id prompts as their text
+            for p in prompts:
+                p.text = p.text or self.serving.tokenizer.decode(p.token_ids)
         return prompts
 
     async def create(self, req: CompletionRequest, raw: Request) -> Response:

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedserve.engine.input_processor import InputError
-from pagedserve.entrypoints.openai.errors import bad_request, from_value_error
+from pagedserve.entrypoints.openai.errors import from_value_error
 from pagedserve.entrypoints.openai.protocol_embeddings import (
     EmbeddingData,
     EmbeddingRequest,
@@ -44,20 +44,7 @@ class OpenAIServingEmbedding:
         self.serving = serving
 
     async def _token_ids(self, req: EmbeddingRequest) -> list[list[int]]:
-        s = self.serving
-        prompts = req.prompts()
-        if len(prompts) > s.engine.max_in_flight:
-            raise bad_request(f"at most {s.engine.max_in_flight} inputs per request", "input")
-        out = []
-        for p in prompts:
-            if isinstance(p, str):
-                if not p:
-                    raise bad_request("input must not contain an empty string", "input")
-                out.append(await s.off_loop(len(p), s.encode, p))
-            else:
-                s.check_token_ids(p, "input")
-                out.append(list(p))
-        return out
+        return [p.token_ids for p in await self.serving.tokenize_inputs(req.prompts(), "input")]
 
     async def create(self, req: EmbeddingRequest, raw: Request) -> Response:
         arrival = time.monotonic()

@@ -15,6 +15,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from pagedserve.entrypoints.openai.errors import bad_request
@@ -84,7 +85,7 @@ class ToolPlan:
     parallel: bool = True
     parser: str | None = None  # for "auto"
 
-    @property
+    @cached_property  # made (and its grammar parsed) once per request
     def grammar(self) -> StructuredOutputsParams | None:
         if self.mode == "named":
             return StructuredOutputsParams(json=self._parameters(self.name))
