@@ -3,7 +3,9 @@ token for token, bfloat16 agreement), decode attention GB/s (Triton vs the PyTor
 64-request workload, the nano-vllm shape (256 sequences, input and output lengths uniform in 100–1,024,
 ignore_eos), the batch-1 decode step against the memory floor, and transformers `generate` on the
 same workload. Models are random-weight, built here from configs (nothing is downloaded): SmolLM2-135M's
-shape and a Qwen3-0.6B-like Llama. Each section runs even if an earlier one failed.
+shape and a Qwen3-0.6B-like Llama. The engine runs with decode CUDA graphs and, beside it, with
+enforce_eager (and the decode attention micro with the tensor-core dots on and off). Each section runs
+even if an earlier one failed.
 
     python benchmarks/gpu_bench.py --tokenizer DIR --out DIR [--hbm-gbps 4800]
 """
@@ -110,7 +112,9 @@ def attention_micro(out: Path, hbm_gbps: float) -> None:
             k = torch.randn(batch, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
             v = torch.randn_like(k)
             row = {}
-            for backend in (TritonPagedAttention(), TorchPagedAttention()):
+            backends = {"triton": TritonPagedAttention(), "triton_no_dot": TritonPagedAttention(decode_dot=False),
+                        "torch": TorchPagedAttention()}
+            for name, backend in backends.items():
                 kc, vc = backend.allocate_kv_cache(num_blocks, bs, kv_heads, dim, torch.bfloat16, torch.device("cuda"))
                 meta = backend.build_metadata(common)
                 for _ in range(3):
@@ -124,7 +128,7 @@ def attention_micro(out: Path, hbm_gbps: float) -> None:
                 torch.cuda.synchronize()
                 ms = start.elapsed_time(end) / 20
                 kv_bytes = batch * ctx * kv_heads * dim * 2 * 2
-                row[backend.name] = dict(ms=round(ms, 4), gbps=round(kv_bytes / ms / 1e6, 1),
+                row[name] = dict(ms=round(ms, 4), gbps=round(kv_bytes / ms / 1e6, 1),
                                          of_hbm=round(kv_bytes / ms / 1e6 / hbm_gbps, 3))
                 del kc, vc
             emit(out, "decode_attention", batch=batch, context=ctx, **row)
@@ -144,20 +148,30 @@ def run_engine(folder: Path, prompts: list[list[int]], max_tokens: list[int], ma
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    backend = llm.engine.model.attention_backend.name
+    result = dict(tok_s=round(tokens / seconds, 1), tokens=tokens, seconds=round(seconds, 2),
+                  backend=llm.engine.model.attention_backend.name, **graph_figures(llm))
     del llm
     torch.cuda.empty_cache()
-    return dict(tok_s=round(tokens / seconds, 1), tokens=tokens, seconds=round(seconds, 2), backend=backend)
+    return result
+
+
+def graph_figures(llm) -> dict:
+    graphs = llm.engine.runner.graphs
+    if graphs is None:
+        return dict(cuda_graphs=False)
+    return dict(cuda_graphs=True, graphs=len(graphs.sizes), capture_s=round(graphs.capture_seconds, 2),
+                capture_mib=round(graphs.capture_bytes / 2**20, 1), graph_steps=graphs.replays)
 
 
 def workload64(out: Path, folder: Path, tokenizer) -> list[tuple[list[int], int]]:
     work = make_workload(tokenizer, 64, 0)
     prompts, lengths = [p for p, _ in work], [n for _, n in work]
-    for backend in ("triton", "torch"):
+    for backend, eager in (("triton", False), ("triton", True), ("torch", True)):
         if backend == "torch":
             os.environ["PAGEDSERVE_ATTENTION_BACKEND"] = "torch"
         try:
-            emit(out, "workload64", model="smollm2-shape", seats=64, **run_engine(folder, prompts, lengths, 64))
+            emit(out, "workload64", model="smollm2-shape", seats=64,
+                 **run_engine(folder, prompts, lengths, 64, enforce_eager=eager))
         finally:
             os.environ.pop("PAGEDSERVE_ATTENTION_BACKEND", None)
     return work
@@ -167,27 +181,37 @@ def nano_vllm_shape(out: Path, folder: Path, name: str, vocab: int) -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(100, 1024))] for _ in range(256)]
     lengths = [rng.randint(100, 1024) for _ in range(256)]
-    emit(out, "nano_vllm_shape", model=name, seqs=256, **run_engine(folder, prompts, lengths, 256))
+    for eager in (False, True):
+        emit(out, "nano_vllm_shape", model=name, seqs=256,
+             **run_engine(folder, prompts, lengths, 256, enforce_eager=eager))
 
 
 def batch1_floor(out: Path, folder: Path, hbm_gbps: float) -> None:
+    """The median decode step of one sequence (a whole engine step: schedule, forward, sample, update)
+    against the floor: its weights and its mean KV context read once from HBM."""
     from pagedserve import LLM, SamplingParams
 
-    llm = LLM(str(folder), device="cuda", kv_cache_memory_gb=4)
-    llm.generate(["warm up"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
-    engine = llm.engine
-    engine.record_steps = True
-    engine.step_records.clear()
-    llm.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=256, ignore_eos=True),
-                 use_tqdm=False)
-    steps = sorted(r.duration for r in engine.step_records if not r.num_prefill_seqs)
-    median = steps[len(steps) // 2]
-    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    floor = weights / (hbm_gbps * 1e9)
-    emit(out, "batch1_decode_step", median_ms=round(median * 1e3, 3), floor_ms=round(floor * 1e3, 4),
-         ratio=round(median / floor, 1), weight_bytes=weights)
-    del llm
-    torch.cuda.empty_cache()
+    for eager in (False, True):
+        llm = LLM(str(folder), device="cuda", kv_cache_memory_gb=4, max_num_seqs=64, enforce_eager=eager)
+        llm.generate(["warm up"], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        engine = llm.engine
+        engine.record_steps = True
+        engine.step_records.clear()
+        new_tokens = 256
+        out_ = llm.generate(["The capital of France is"],
+                            SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True), use_tqdm=False)
+        steps = sorted(r.duration for r in engine.step_records if not r.num_prefill_seqs)
+        median = steps[len(steps) // 2]
+        cfg = engine.model_config
+        weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        mean_ctx = len(out_[0].prompt_token_ids) + new_tokens / 2
+        kv_bytes = int(mean_ctx * 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim
+                       * engine.runner.kv_caches[0][0].element_size())
+        floor = (weights + kv_bytes) / (hbm_gbps * 1e9)
+        emit(out, "batch1_decode_step", median_ms=round(median * 1e3, 3), floor_ms=round(floor * 1e3, 4),
+             ratio=round(median / floor, 1), weight_bytes=weights, kv_bytes=kv_bytes, **graph_figures(llm))
+        del llm
+        torch.cuda.empty_cache()
 
 
 def transformers_generate(out: Path, folder: Path, work: list[tuple[list[int], int]]) -> None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, sized for a short lease on one card:
-#   1. the Triton kernel tests on CUDA (the same tests run on CPU in Triton's interpreter);
+#   1. the Triton kernel and CUDA-graph tests on CUDA (the same tests run on CPU in Triton's interpreter);
 #   2. benchmarks/gpu_bench.py: parity with transformers on CUDA (float32 and bfloat16), decode attention
 #      GB/s, the 64-request workload (Triton vs the PyTorch reference), the batch-1 decode step against
-#      the memory floor, transformers `generate`, and the nano-vllm shape (256 sequences).
+#      the memory floor, transformers `generate`, and the nano-vllm shape (256 sequences); the engine
+#      figures with decode CUDA graphs and with enforce_eager.
 # Models are random-weight and built on the machine (the SmolLM2 GGUF is too large to carry); only the
 # tokenizer travels: TOKENIZER=DIR (made with save_pretrained).
 #
@@ -25,7 +26,8 @@ status=0
     nproc
 } 2>&1 | tee "$OUT/machine.txt"
 
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py 2>&1 | tee "$OUT/kernels.log" \
+PAGEDSERVE_TEST_TOKENIZER="$TOKENIZER" timeout 180 $PY -m pytest -q -p no:cacheprovider tests/kernels/test_triton_attention.py tests/worker/test_cuda_graphs.py \
+    2>&1 | tee "$OUT/kernels.log" \
     || status=1
 timeout "${BENCH_TIMEOUT:-420}" $PY benchmarks/gpu_bench.py --tokenizer "$TOKENIZER" --out "$OUT" --sections "$SECTIONS" \
     2>&1 | tee "$OUT/bench.log" || status=1

@@ -121,6 +121,9 @@ class EngineConfig:
     pooling_type: str = field(default="LAST", metadata=option(
         "how embeddings pool the final hidden states: LAST (the last prompt token's, vLLM's default for "
         "a causal LM) or MEAN (over every prompt token)", choices=POOLING_TYPES))
+    # vLLM's option name: on CUDA, decode steps replay CUDA graphs captured at start unless this is set.
+    enforce_eager: bool = field(default=False, metadata=option(
+        "never capture CUDA graphs: every step runs eagerly (CUDA only; the CPU always does)"))
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -42,10 +42,17 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer(smollm2_path):
+def smollm2_tokenizer(request):
+    """SmolLM2's tokenizer from the GGUF, or from $PAGEDSERVE_TEST_TOKENIZER (a save_pretrained folder:
+    on a lent GPU machine, where the GGUF does not travel, the tiny-model tests still run)."""
+    folder = os.environ.get("PAGEDSERVE_TEST_TOKENIZER")
+    if folder:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(folder)
     from pagedserve.model.loader import load_tokenizer
 
-    return load_tokenizer(smollm2_path)
+    return load_tokenizer(request.getfixturevalue("smollm2_path"))
 
 
 @pytest.fixture(scope="session")

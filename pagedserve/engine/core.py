@@ -37,6 +37,7 @@ from pagedserve.spec_decode.factory import build_speculator
 from pagedserve.spec_decode.stats import SpecDecodeStats
 from pagedserve.structured_output.manager import StructuredOutputManager
 from pagedserve.structured_output.pending import PendingGrammars
+from pagedserve.worker.cuda_graphs import build_decode_graphs
 from pagedserve.worker.model_runner import ModelRunner, kv_block_bytes
 
 # How long an otherwise idle step blocks on a compiling grammar before it returns to its caller.
@@ -93,6 +94,10 @@ class EngineCore:
             self.runner.speculator = build_speculator(spec, self)
             if spec.needs_lookahead_slots:
                 self.scheduler.num_lookahead_tokens = spec.num_speculative_tokens
+        else:  # steps that verify drafts are not uniform decode steps: no graphs with speculation
+            self.runner.graphs = build_decode_graphs(self.model, self.runner.kv_caches, config.scheduler.max_num_seqs,
+                                                     self.max_model_len, cc.block_size, torch.device(config.device),
+                                                     config.enforce_eager)
         self.pending_grammars = PendingGrammars()  # constrained requests whose grammar is compiling
         # The front end's tokenizer when both live in one process (grammars need the vocabulary; loading
         # another copy from a GGUF takes seconds); else the manager loads its own.

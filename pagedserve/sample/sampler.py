@@ -66,13 +66,16 @@ def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 class Sampler:
     def __init__(self, ops: ModuleType | None = None) -> None:
         self.ops = ops  # the fused CPU kernels, for greedy rows' argmax on float32 CPU logits
-        self._generator = torch.Generator()
+        self._generators: dict[torch.device, torch.Generator] = {}
 
-    def generator(self, req: Request, position: int) -> torch.Generator | None:
-        """The generator for a seeded request's output token `position` (None: the global one)."""
+    def generator(self, req: Request, position: int, device: torch.device | str = "cpu") -> torch.Generator | None:
+        """The generator on `device` for a seeded request's output token `position` (None: the global one)."""
         if req.seed is None:
             return None
-        return self._generator.manual_seed(_mix(req.seed, position))
+        device = torch.device(device)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device].manual_seed(_mix(req.seed, position))
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         return self.sample(logits, requests)
@@ -117,9 +120,14 @@ class Sampler:
             filtered = logits[rows] / temps
             if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in sub):  # sorting is the slow part
                 filtered = filter_logits(filtered, top_k, top_p, min_p)
-            probs = filtered.softmax(dim=-1).cpu()  # per-request CPU generators draw the noise
-            for j, i in enumerate(sampled_rows):
-                tokens[i] = sample_from(probs[j], self.generator(requests[i], len(outputs[i])))
+            probs = filtered.softmax(dim=-1)
+            # On the logits' device, no host sync: the step's one copy is the token ids below.
+            noise = torch.empty_like(probs).exponential_()
+            for j, i in enumerate(sampled_rows):  # a seeded row's noise comes from its own stream
+                gen = self.generator(requests[i], len(outputs[i]), dev)
+                if gen is not None:
+                    noise[j].exponential_(generator=gen)
+            tokens[rows] = (probs / noise).argmax(dim=-1)  # exponential race: argmax p / E, E ~ Exp(1)
             final = logits.clone()
             final[rows] = filtered
 
@@ -149,8 +157,3 @@ def _mix(seed: int, position: int) -> int:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
-
-def sample_from(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    """One draw from a [V] distribution (exponential race: argmax p / E, E ~ Exp(1))."""
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    return int((probs / noise).argmax())

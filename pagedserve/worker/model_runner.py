@@ -10,6 +10,9 @@ With speculative decoding, each request's rows are the target's tokens at the dr
 drafts it agrees with are accepted (rejection_sampler.accept_prefix), and the speculator then drafts
 the next step's proposals.
 
+On CUDA, decode steps replay captured graphs (cuda_graphs.py): prepare_inputs then hands the step's
+lists to DecodeGraphs, which copies them into its persistent buffers, instead of building metadata.
+
 A pooling request (an embedding) is never sampled: its rows' final hidden states go to the Pooler,
 which hands back its vector once the step completes its prompt (ModelRunnerOutput.pooler_output).
 """
@@ -30,6 +33,7 @@ from pagedserve.sample.rejection_sampler import accept_prefix
 from pagedserve.sample.sampler import Sampler, SamplerOutput
 from pagedserve.spec_decode.speculator import Speculator
 from pagedserve.structured_output.manager import StructuredOutputManager
+from pagedserve.worker.cuda_graphs import DecodeGraphs
 from pagedserve.worker.flat_batch import TokenRun, build_flat_batch
 from pagedserve.worker.pooler import Pooler
 from pagedserve.worker.runner_output import ModelRunnerOutput
@@ -39,9 +43,9 @@ PROMPT_LOGPROB_ROWS = 256
 
 @dataclass
 class ModelInputs:
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    meta: object  # the attention backend's metadata
+    input_ids: torch.Tensor | None  # None when a captured graph runs the step (see `graph_step`)
+    positions: torch.Tensor | None
+    meta: object  # the attention backend's metadata (None with a graph)
     sample_indices: torch.Tensor  # rows of the flat batch whose logits are sampled
     sampled: list[Request]  # in the same order as sample_indices (n > 1 forks repeat their sibling's row)
     # Per sampled row: the proposed tokens before its position that it assumes accepted (speculation).
@@ -50,6 +54,8 @@ class ModelInputs:
     prompt_scoring: list[tuple[Request, int, int, int]]
     # Per request in batch order: (request, first row, first position, tokens, block table).
     segments: list[tuple[Request, int, int, int, list[int]]]
+    # A decode step a captured graph runs: (token ids, positions, slots, seq lens, block tables).
+    graph_step: tuple[list[int], list[int], list[int], list[int], list[list[int]]] | None = None
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -73,6 +79,7 @@ class ModelRunner:
         self.speculator: Speculator | None = None  # set by the engine when speculative decoding is on
         self.structured: StructuredOutputManager | None = None  # set at the first constrained request
         self.pooler = Pooler()
+        self.graphs: DecodeGraphs | None = None  # set by the engine on CUDA unless enforce_eager
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -116,13 +123,17 @@ class ModelRunner:
                     sampled.append(r)
                     prefixes.append([])
         dev = self.device
+        sample_indices = torch.tensor(sample_rows, dtype=torch.long, device=dev)
+        if self.graphs is not None and self.speculator is None and self.graphs.covers(query_lens):
+            step = (ids, positions, slots, seq_lens, [s.block_ids for s in batch])
+            return ModelInputs(None, None, None, sample_indices, sampled, prefixes, scoring, segments, step)
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=dev)
         common = CommonAttentionMetadata(slot_mapping, query_lens, seq_lens,
                                          [s.block_ids for s in batch], self.block_size, dev)
         meta = self.backend.build_metadata(common)  # once per step, not per layer
         return ModelInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                            torch.tensor(positions, dtype=torch.long, device=dev), meta,
-                           torch.tensor(sample_rows, dtype=torch.long, device=dev), sampled, prefixes, scoring, segments)
+                           sample_indices, sampled, prefixes, scoring, segments)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
@@ -134,7 +145,9 @@ class ModelRunner:
         self.forget(sched.finished_req_ids)
         inputs = self.prepare_inputs(sched)
         hidden = self.speculator.proposer.forward(inputs) if self.speculator is not None else None
-        if hidden is None:  # (a proposer may run the step itself, reusing its drafting work)
+        if hidden is None and inputs.graph_step is not None:
+            hidden = self.graphs.run(*inputs.graph_step)
+        elif hidden is None:  # (a proposer may run the step itself, reusing its drafting work)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         prompt_logprobs = {req.request_id: (start, self._score_prompt(hidden, req, row, start, rows))
                            for req, row, start, rows in inputs.prompt_scoring}

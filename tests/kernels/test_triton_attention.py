@@ -99,3 +99,40 @@ def test_split_sizes_fill_the_gpu_and_cover_the_context():
         splits, tokens = triton_paged.decode_splits(programs, length)
         assert splits * tokens >= length > (splits - 1) * tokens and tokens % triton_paged.DECODE_TOKENS == 0
     assert triton_paged.decode_splits(3, 4096)[0] >= 8 and triton_paged.decode_splits(768, 4096)[0] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("long_decode", [True, False], ids=["split-k", "one-split"])
+def test_decode_dots_in_16_bits_match_the_reference(dtype, long_decode):
+    """A 16-bit q with a cache of the same dtype takes the tensor-core decode (products in 16 bits,
+    float32 accumulation): close to the float32 reference, as flash attention is."""
+    assert triton_paged.uses_decode_dot(dtype, dtype)
+    assert not triton_paged.uses_decode_dot(torch.float32, dtype)
+    gen = torch.Generator().manual_seed(5)
+    block_size, head_dim, heads, kv_heads, num_blocks = 16, 64, 9, 3, 128
+    query_lens = [1, 1, 1]
+    seq_lens = [5, 700 if long_decode else 40, 17]
+    tables, slots = _step(query_lens, seq_lens, block_size, num_blocks, gen)
+    common = CommonAttentionMetadata(slots, query_lens, seq_lens, tables, block_size, DEVICE)
+    q = torch.randn(3, heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(3, kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(3, kv_heads, head_dim, generator=gen).to(dtype)
+    ref, tri = TorchPagedAttention(), triton_paged.TritonPagedAttention()
+    history = torch.Generator().manual_seed(7)
+    cpu = torch.device("cpu")
+    ref_caches = ref.allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, cpu)
+    kc0 = torch.randn(ref_caches[0].shape, generator=history).to(dtype)
+    vc0 = torch.randn(kc0.shape, generator=history).to(dtype)
+    ref_caches[0].copy_(kc0)
+    ref_caches[1].copy_(vc0)
+    common_cpu = CommonAttentionMetadata(slots.cpu(), query_lens, seq_lens, tables, block_size, cpu)
+    expected = ref(q.float(), k.float(), v.float(), *ref_caches, ref.build_metadata(common_cpu), head_dim ** -0.5)
+    tri_caches = (kc0.clone().to(DEVICE), vc0.clone().to(DEVICE))
+    got = tri(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *tri_caches, tri.build_metadata(common), head_dim ** -0.5)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float().cpu(), expected, atol=3e-2, rtol=3e-2)
+    # and the broadcast path (decode_dot off) is the float32-exact one
+    plain = triton_paged.TritonPagedAttention(decode_dot=False)
+    got_plain = plain(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), *tri_caches, plain.build_metadata(common),
+                      head_dim ** -0.5)
+    torch.testing.assert_close(got_plain.float().cpu(), expected, atol=1e-2, rtol=1e-2)

@@ -7,15 +7,19 @@ and the same batch order (one-query requests first). Three kernels:
 - decode: programs per (request, KV head, split of the context) hold that head's whole query group, so
   each K/V row is read once for all the query heads that share it (GQA), with an online softmax; a
   second kernel merges the splits (split-K, so that batch 1 at a long context still fills the GPU).
+  With a 16-bit q and cache the products are tensor-core dots (the group padded to 16 rows).
 - prefill: one program per (segment, tile of query rows, query head) reads its context through the
   block table (the new tokens included: they were written first), causal by position, so a later
   chunk after a cached prefix is the same kernel as a whole prompt.
 
-Arithmetic is float32 whatever the model or cache dtype; the output is the model's dtype.
+Softmax and accumulation are float32 whatever the model or cache dtype (16-bit decode dots multiply in
+the cache's dtype); the output is the model's dtype. Decode also runs inside captured CUDA graphs
+(worker/cuda_graphs.py), over metadata whose shapes never change (`for_decode_graph`).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +29,7 @@ import triton.language as tl
 from pagedserve.attention.backends.head_major import HeadMajorCache
 from pagedserve.attention.metadata import CommonAttentionMetadata, split_decode_prefill
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read when the kernels are defined, as Triton does
 PREFILL_TILE = 16  # query rows per prefill program
 PREFILL_TOKENS = 32  # keys per inner step of a prefill program
 DECODE_TOKENS = 64  # keys per inner step of a decode program
@@ -55,12 +60,23 @@ def _to_cache(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _dot16(a, b, UPCAST: tl.constexpr):
+    """a @ b for 16-bit a and b with float32 accumulation. UPCAST (Triton's interpreter with bfloat16,
+    whose bfloat16 dot is wrong there): the same products in float32, where they are exact."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr,
                      stride_kt, stride_kh, stride_ch, stride_cb, stride_cs,
                      BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slots_ptr + t)
+    if slot < 0:  # a padding row of a captured decode graph: nothing to write
+        return
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
     d = tl.arange(0, D_PAD)
@@ -77,10 +93,13 @@ def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr,
 def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr,
                          scale, stride_qt, stride_qh, stride_ch, stride_cb, stride_cs, stride_tb, split_tokens,
                          GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                         TOK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DIRECT: tl.constexpr):
+                         TOK: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, DIRECT: tl.constexpr,
+                         DOT: tl.constexpr, UPCAST: tl.constexpr):
     """One split of one request's context for one KV head and its query group (split-K): the partial
     softmax state (max, sum, weighted values) goes to the part buffers; _decode_reduce_kernel merges.
-    DIRECT (one split): the program owns the whole context and writes the output itself."""
+    DIRECT (one split): the program owns the whole context and writes the output itself.
+    DOT (16-bit q and cache): both products are tensor-core dots in the cache's dtype with float32
+    accumulation, the group padded to G_PAD >= 16 rows; otherwise float32 broadcast products."""
     b = tl.program_id(0)
     h = tl.program_id(1)  # the KV head; its query heads are h * GROUP + [0, GROUP)
     split = tl.program_id(2)
@@ -91,7 +110,9 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, part_m_ptr
     gm = g < GROUP
     dm = d < HEAD_DIM
     q = tl.load(q_ptr + b * stride_qt + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
-                mask=gm[:, None] & dm[None, :], other=0.0).to(tl.float32)  # [G, D]
+                mask=gm[:, None] & dm[None, :], other=0.0)  # [G, D]
+    if not DOT:
+        q = q.to(tl.float32)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     total = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -102,18 +123,26 @@ def _decode_split_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, lens_ptr, part_m_ptr
         tm = tok < hi
         block = tl.load(tables_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=tm, other=0)
         rows = h * stride_ch + block * stride_cb + (tok % BLOCK_SIZE) * stride_cs
-        k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, TOK]
+        k = tl.load(kc_ptr + rows[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        v = tl.load(vc_ptr + rows[:, None] + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        if DOT:
+            scores = _dot16(q, tl.trans(k), UPCAST) * scale  # [G, TOK], float32 accumulation
+        else:
+            k = k.to(tl.float32)
+            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G, TOK]
         scores = tl.where(tm[None, :], scores, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         p = tl.exp(scores - m_new[:, None])
         alpha = tl.exp(m - m_new)
         total = total * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if DOT:
+            acc = acc * alpha[:, None] + _dot16(p.to(v.dtype), v, UPCAST)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         m = m_new
     if DIRECT:
-        out = acc / total[:, None]
+        # an empty context (a padding row of a captured graph) gives zeros, not 0 / 0
+        out = acc / tl.where(total > 0, total, 1.0)[:, None]
         tl.store(out_ptr + b * stride_qt + (h * GROUP + g)[:, None] * stride_qh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gm[:, None] & dm[None, :])
         return
@@ -138,7 +167,8 @@ def _decode_reduce_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, stride_
     acc = tl.load(part_acc_ptr + at[:, None] * D_PAD + d[None, :], mask=spm[:, None], other=0.0)
     top = tl.max(m, axis=0)
     w = tl.where(spm & (m > float("-inf")), tl.exp(m - top), 0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(total * w, axis=0)
+    norm = tl.sum(total * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.where(norm > 0, norm, 1.0)  # empty context: zeros
     tl.store(out_ptr + b * stride_qt + head * stride_qh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
@@ -227,17 +257,39 @@ class TritonAttentionMetadata:
                    ctxs, seg_tables, max((s.length for s in segs), default=0))
 
 
+    @classmethod
+    def for_decode_graph(cls, slot_mapping: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                         max_len: int) -> TritonAttentionMetadata:
+        """Metadata over a captured graph's persistent buffers: every row a decode row, and the split-K grid
+        sized for `max_len` (the model's limit), since a replay cannot change it. Padding rows have slot
+        -1 (nothing written) and context 0 (zeros out)."""
+        return cls(slot_mapping, slot_mapping.shape[0], block_tables, context_lens, max_len, 0, None, None, None,
+                   None, 0)
+
+
 class TritonPagedAttention(HeadMajorCache):
-    """The backend a model layer calls on CUDA; the reference's cache layout and batch order."""
+    """The backend a model layer calls on CUDA; the reference's cache layout and batch order.
+
+    `decode_dot`: decode products as tensor-core dots when q and the cache are both 16-bit (off: float32
+    broadcast products everywhere, for A/B runs)."""
 
     name = "triton"
+    supports_decode_graphs = True
+
+    def __init__(self, decode_dot: bool = True) -> None:
+        super().__init__()
+        self.decode_dot = decode_dot
 
     def build_metadata(self, common: CommonAttentionMetadata) -> TritonAttentionMetadata:
         return TritonAttentionMetadata.build(common)
 
+    def decode_graph_metadata(self, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                              context_lens: torch.Tensor, max_len: int) -> TritonAttentionMetadata:
+        return TritonAttentionMetadata.for_decode_graph(slot_mapping, block_tables, context_lens, max_len)
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                  v_cache: torch.Tensor, meta: TritonAttentionMetadata, scale: float) -> torch.Tensor:
-        return paged_attention(q, k, v, k_cache, v_cache, meta, scale)
+        return paged_attention(q, k, v, k_cache, v_cache, meta, scale, self.decode_dot)
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -253,8 +305,15 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
         BLOCK_SIZE=k_cache.shape[2], HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim))
 
 
+def uses_decode_dot(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> bool:
+    """Tensor-core decode dots when q and the cache share a 16-bit dtype (a bfloat16 model on CUDA); a
+    float32 q keeps float32 products, so float32 models stay token-identical with transformers."""
+    return q_dtype == cache_dtype and q_dtype in (torch.bfloat16, torch.float16)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: TritonAttentionMetadata, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, meta: TritonAttentionMetadata, scale: float,
+                    decode_dot: bool = True) -> torch.Tensor:
     """q: [T, heads, head_dim]; k, v: [T, kv_heads, head_dim] (this step's tokens) → [T, heads, head_dim]."""
     write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
     q = q.contiguous()
@@ -273,10 +332,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(shape if direct else (*shape, d_pad), dtype=torch.float32, device=q.device)
         tables = meta.decode_block_tables
+        dot = decode_dot and uses_decode_dot(q.dtype, k_cache.dtype)
+        g_pad = max(16 if dot else 2, triton.next_power_of_2(group))  # tl.dot takes 16 rows at least
         _decode_split_kernel[(batch, kv_heads, splits)](
             q, k_cache, v_cache, tables, meta.decode_context_lens, part_m, part_l, part_acc, out, scale, *strides,
-            tables.stride(0), split_tokens, GROUP=group, G_PAD=max(2, triton.next_power_of_2(group)),
-            BLOCK_SIZE=block_size, TOK=DECODE_TOKENS, HEAD_DIM=head_dim, D_PAD=d_pad, DIRECT=direct)
+            tables.stride(0), split_tokens, GROUP=group, G_PAD=g_pad,
+            BLOCK_SIZE=block_size, TOK=DECODE_TOKENS, HEAD_DIM=head_dim, D_PAD=d_pad, DIRECT=direct, DOT=dot,
+            UPCAST=dot and INTERPRETED and k_cache.dtype == torch.bfloat16)
         if not direct:
             _decode_reduce_kernel[(batch, heads)](
                 part_m, part_l, part_acc, out, q.stride(0), q.stride(1), splits,
