@@ -121,6 +121,10 @@ class EngineConfig:
     pooling_type: str = field(default="LAST", metadata=option(
         "how embeddings pool the final hidden states: LAST (the last prompt token's, vLLM's default for "
         "a causal LM) or MEAN (over every prompt token)", choices=POOLING_TYPES))
+    # One OpenTelemetry-shaped span tree per finished request, as JSON lines (engine/request_trace.py).
+    trace_file: str | None = field(default=None, metadata=option(
+        "write each finished request's trace (queued, prefill chunks, decode, preemptions, cache hits) as "
+        "one OTLP/JSON line to this file"))
     # vLLM's option name: on CUDA, decode steps replay CUDA graphs captured at start unless this is set.
     enforce_eager: bool = field(default=False, metadata=option(
         "never capture CUDA graphs: every step runs eagerly (CUDA only; the CPU always does)"))

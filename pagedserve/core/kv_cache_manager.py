@@ -182,6 +182,10 @@ class KVCacheManager:
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
 
+    def used_slots(self, request_id: str) -> int:
+        """Slots of the request's table that hold (or are about to hold) a token."""
+        return self._used_slots.get(request_id, 0)
+
     def get_block_ids(self, request: Request) -> list[int]:
         return self.block_tables[request.request_id]
 

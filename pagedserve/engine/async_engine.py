@@ -152,7 +152,7 @@ class AsyncLLMEngine(EngineClient):
     """Runs `engine` on a background thread. Every public method is called from the event loop."""
 
     def __init__(self, engine: LLMEngine, max_in_flight: int = 1024, on_step: StepHook | None = None,
-                 served_model_name: str | None = None, stream_interval: int = 1) -> None:
+                 served_model_name: str | None = None, stream_interval: int = 1, live_view: bool = True) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         self.engine = engine
@@ -174,6 +174,8 @@ class AsyncLLMEngine(EngineClient):
         self.num_step_errors = 0
         self._built_on: threading.Thread | None = None  # set by build(): the loop runs there
         self._go = threading.Event()
+        if live_view:  # the served engine keeps its history and traces for the live page
+            engine.enable_live_view()
 
     @classmethod
     def build(cls, factory: Callable[[], LLMEngine], **kwargs: Any) -> AsyncLLMEngine:
@@ -271,6 +273,15 @@ class AsyncLLMEngine(EngineClient):
 
     async def reset_prefix_cache(self) -> bool:
         return await self.call(lambda e: e.reset_prefix_cache())
+
+    async def live_snapshot(self, max_cells: int, max_rows: int) -> dict | None:
+        return await self.call(lambda e: e.live_snapshot(max_cells, max_rows))
+
+    async def live_block(self, block_id: int) -> dict | None:
+        return await self.call(lambda e: e.live_block(block_id))
+
+    async def live_request_trace(self, request_id: str) -> dict | None:
+        return await self.call(lambda e: e.live_request_trace(request_id))
 
     def initial_stats(self) -> EngineStats:
         """Figures before the loop starts (read on the caller's thread: nothing runs yet)."""

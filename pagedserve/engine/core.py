@@ -15,14 +15,18 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheManager, KVCacheStats
 from pagedserve.core.request import Request
+from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
 from pagedserve.engine.core_messages import EngineCoreOutputs, EngineCoreRequest
+from pagedserve.engine.live_view import LiveView
+from pagedserve.engine.request_trace import RequestTracer
 from pagedserve.model.config import ModelConfig
 from pagedserve.model.loader import (
     check_quantization,
@@ -42,6 +46,14 @@ from pagedserve.worker.model_runner import ModelRunner, kv_block_bytes
 
 # How long an otherwise idle step blocks on a compiling grammar before it returns to its caller.
 GRAMMAR_WAIT_S = 0.05
+
+
+class StepObserver(Protocol):
+    def on_schedule(self, sched: SchedulerOutput, now: float) -> None: ...
+
+    def on_step(self, sched: SchedulerOutput, outputs: EngineCoreOutputs, start: float, end: float) -> None: ...
+
+    def on_abort(self, request_ids: list[str], now: float) -> None: ...
 
 
 @dataclass
@@ -104,6 +116,13 @@ class EngineCore:
         self.tokenizer = None
         self.record_steps = False
         self.step_records: list[StepRecord] = []
+        # Step observers (request traces, the live page's history): told what each step scheduled,
+        # what it produced, and which requests were aborted. Their cost is their own; none by default.
+        self.observers: list[StepObserver] = []
+        self.tracer = RequestTracer(config.trace_file) if config.trace_file else None
+        self.live_view: LiveView | None = None  # enable_live_view()
+        if self.tracer is not None:
+            self.observers.append(self.tracer)
 
     def structured_outputs(self) -> StructuredOutputManager:
         """The grammar manager, built (with the tokenizer's vocabulary) at the first constrained request."""
@@ -144,7 +163,12 @@ class EngineCore:
     def abort_requests(self, request_ids: Iterable[str]) -> list[str]:
         """Finish them now and free their blocks; returns the ids that were still in the core."""
         request_ids = list(request_ids)
-        return self.pending_grammars.abort(request_ids) + self.scheduler.abort_requests(request_ids)
+        removed = self.pending_grammars.abort(request_ids) + self.scheduler.abort_requests(request_ids)
+        if removed and self.observers:
+            now = time.monotonic()
+            for observer in self.observers:
+                observer.on_abort(removed, now)
+        return removed
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (vLLM's reset_prefix_cache): False while requests still hold
@@ -168,9 +192,15 @@ class EngineCore:
         if sched.empty:
             self.runner.forget(sched.finished_req_ids)
             return EngineCoreOutputs(failed, time.monotonic())
+        for observer in self.observers:
+            observer.on_schedule(sched, start)
         runner_output = self.runner.execute(sched)
         outputs = self.scheduler.update_from_output(sched, runner_output)
         outputs.outputs[:0] = failed
+        if self.observers:
+            end = time.monotonic()
+            for observer in self.observers:
+                observer.on_step(sched, outputs, start, end)
         if self.record_steps:
             self.step_records.append(StepRecord(
                 start=start, duration=time.monotonic() - start, num_seqs=len(sched.scheduled),
@@ -203,6 +233,17 @@ class EngineCore:
         """Speculative decoding's counters since the start (None when it is off)."""
         spec = self.runner.speculator
         return None if spec is None else spec.stats.copy()
+
+    def enable_live_view(self) -> LiveView:
+        """The live page's view of this core (its history and request traces observe every step from
+        now on); made once."""
+        if self.live_view is None:
+            if self.tracer is None:
+                self.tracer = RequestTracer()
+                self.observers.append(self.tracer)
+            self.live_view = LiveView(self, self.tracer)
+            self.observers.append(self.live_view.history)
+        return self.live_view
 
     def kv_snapshot(self) -> list[BlockInfo]:
         return self.kv.snapshot()

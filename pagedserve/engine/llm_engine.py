@@ -97,6 +97,22 @@ class LLMEngine:
     def kv_stats(self) -> KVCacheStats:
         return self.core.kv_stats()
 
+    def enable_live_view(self) -> None:
+        """Keep the live page's history and request traces from now on (engine/live_view.py)."""
+        self.core.enable_live_view()
+
+    def live_snapshot(self, max_cells: int, max_rows: int) -> dict | None:
+        view = self.core.live_view
+        return None if view is None else view.snapshot(max_cells, max_rows)
+
+    def live_block(self, block_id: int) -> dict | None:
+        view = self.core.live_view
+        return None if view is None else view.block(block_id)
+
+    def live_request_trace(self, request_id: str) -> dict | None:
+        view = self.core.live_view
+        return None if view is None else view.request_trace(request_id)
+
     def kv_snapshot(self) -> list[BlockInfo]:
         return self.core.kv_snapshot()
 

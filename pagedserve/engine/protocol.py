@@ -95,6 +95,20 @@ class EngineClient(ABC):
     @abstractmethod
     async def kv_snapshot(self) -> list[BlockInfo]: ...
 
+    # --- the live page (engine/live_view.py); a client without one answers None -------------------
+
+    async def live_snapshot(self, max_cells: int, max_rows: int) -> dict | None:
+        """The block map, queues and history, bounded by `max_cells` map cells and `max_rows` rows per queue."""
+        return None
+
+    async def live_block(self, block_id: int) -> dict | None:
+        """One block in full (owners, ref count, fill, hash prefix); None for an unknown id."""
+        return None
+
+    async def live_request_trace(self, request_id: str) -> dict | None:
+        """A live, waiting or recently finished request's span tree (OTLP/JSON); None if unknown."""
+        return None
+
     @abstractmethod
     async def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block; False (nothing done) while requests still hold blocks."""

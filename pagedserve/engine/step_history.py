@@ -1,0 +1,142 @@
+"""The engine's recent history, one bucket per second, for the live page's charts.
+
+A step observer of the engine core: every step adds its figures to the current second's bucket
+(steps, sequences, scheduled and output tokens, queue depth, KV usage, preemptions, prefix-cache
+lookups and hits, speculative tokens, TTFTs and inter-token gaps). Buckets of the last `window`
+seconds are kept; idle seconds are zero buckets, so the charts' time axis has no holes. The cost
+is a few additions per step and a dict update per scheduled request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from pagedserve.core.sched.output import SchedulerOutput
+from pagedserve.engine.core_messages import EngineCoreOutputs
+
+WINDOW_S = 300  # five minutes of history
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-quantile (0..1) by nearest rank of the sorted values; None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class _Bucket:
+    second: int  # Unix time, whole seconds
+    steps: int = 0
+    busy_s: float = 0.0  # time inside steps
+    seqs: int = 0  # sum over steps of the batch size
+    tokens: int = 0  # scheduled tokens (prefill + decode + drafts)
+    prefill_tokens: int = 0
+    output_tokens: int = 0
+    waiting_max: int = 0
+    kv_usage: float = 0.0  # at the bucket's last step
+    preemptions: int = 0
+    prefix_queries: int = 0
+    prefix_hits: int = 0
+    spec_drafted: int = 0
+    spec_accepted: int = 0
+    ttfts: list[float] = field(default_factory=list)
+    itls: list[float] = field(default_factory=list)
+
+    def row(self) -> list[Any]:
+        """The bucket as the page's series row (see SERIES)."""
+        mean = (lambda total: round(total / self.steps, 2)) if self.steps else (lambda total: 0)
+        rate = round(self.prefix_hits / self.prefix_queries, 4) if self.prefix_queries else None
+        accept = round(self.spec_accepted / self.spec_drafted, 4) if self.spec_drafted else None
+        ms = (lambda v: None if v is None else round(v * 1e3, 1))
+        return [self.second, self.output_tokens, mean(self.seqs), mean(self.tokens), self.waiting_max,
+                round(self.kv_usage, 4), self.preemptions, rate, accept,
+                ms(percentile(self.ttfts, 0.5)), ms(percentile(self.ttfts, 0.95)),
+                ms(percentile(self.itls, 0.5)), ms(percentile(self.itls, 0.95)),
+                self.steps, round(self.busy_s, 3), self.prefill_tokens]
+
+
+# Column names of `StepHistory.series()` rows, in order.
+SERIES = ["t", "output_tokens", "batch_size", "tokens_per_step", "queue_depth", "kv_usage", "preemptions",
+          "prefix_hit_rate", "spec_acceptance", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms",
+          "steps", "busy_s", "prefill_tokens"]
+
+
+class StepHistory:
+    def __init__(self, core: Any, window_s: int = WINDOW_S) -> None:
+        self.core = core  # read after each step: the waiting queue, the pool, cumulative counters
+        self._buckets: deque[_Bucket] = deque(maxlen=window_s)
+        self._last_token: dict[str, float] = {}  # request id → when it last got tokens (for gaps)
+        self._unix_offset = time.time() - time.monotonic()
+        self._counters = self._read_counters()
+
+    def _read_counters(self) -> tuple[int, int, int, int, int]:
+        core = self.core
+        ps = core.kv.prefix_stats
+        spec = core.runner.speculator.stats if core.runner.speculator is not None else None
+        return (core.scheduler.num_preemptions, ps.queries, ps.hits,
+                spec.num_draft_tokens if spec else 0, spec.num_accepted_tokens if spec else 0)
+
+    def _bucket(self, mono: float) -> _Bucket:
+        second = int(mono + self._unix_offset)
+        last = self._buckets[-1].second if self._buckets else second
+        for s in range(max(last + 1, second - self._buckets.maxlen + 1), second + 1):  # idle seconds: zeros
+            self._buckets.append(_Bucket(s))
+        if not self._buckets:
+            self._buckets.append(_Bucket(second))
+        return self._buckets[-1]
+
+    # --- the core's step observer ------------------------------------------------------------------
+
+    def on_schedule(self, sched: SchedulerOutput, now: float) -> None:
+        pass
+
+    def on_step(self, sched: SchedulerOutput, outputs: EngineCoreOutputs, start: float, end: float) -> None:
+        b = self._bucket(end)
+        b.steps += 1
+        b.busy_s += end - start
+        b.seqs += len(sched.scheduled)
+        b.tokens += sched.num_tokens
+        requests = {s.request.request_id: s.request for s in sched.scheduled}
+        for out in outputs.outputs:
+            n = len(out.new_token_ids)
+            b.output_tokens += n
+            if n:
+                last = self._last_token.get(out.request_id)
+                if last is None:
+                    req = requests.get(out.request_id)
+                    if req is not None and len(req.output_token_ids) <= n:  # its first tokens
+                        b.ttfts.append(end - req.arrival_time)
+                else:
+                    b.itls.append(end - last)
+                self._last_token[out.request_id] = end
+            if out.finished:
+                self._last_token.pop(out.request_id, None)
+        b.prefill_tokens += sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1 + s.num_spec_tokens)
+        core = self.core
+        b.waiting_max = max(b.waiting_max, len(core.scheduler.waiting))
+        pool = core.kv.pool
+        b.kv_usage = (pool.num_blocks - pool.num_free) / pool.num_blocks
+        counters = self._read_counters()
+        deltas = [now - before for now, before in zip(counters, self._counters, strict=True)]
+        self._counters = counters
+        b.preemptions += deltas[0]
+        b.prefix_queries += deltas[1]
+        b.prefix_hits += deltas[2]
+        b.spec_drafted += deltas[3]
+        b.spec_accepted += deltas[4]
+
+    def on_abort(self, request_ids: list[str], now: float) -> None:
+        for rid in request_ids:
+            self._last_token.pop(rid, None)
+
+    # --- what the page reads -------------------------------------------------------------------
+
+    def series(self) -> list[list[Any]]:
+        """One row per second of the window, up to now (SERIES names the columns)."""
+        self._bucket(time.monotonic())
+        return [b.row() for b in self._buckets]
