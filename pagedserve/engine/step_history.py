@@ -49,10 +49,14 @@ class _Bucket:
 
     def row(self) -> list[Any]:
         """The bucket as the page's series row (see SERIES)."""
-        mean = (lambda total: round(total / self.steps, 2)) if self.steps else (lambda total: 0)
+        def mean(total: float) -> float:
+            return round(total / self.steps, 2) if self.steps else 0
+
+        def ms(seconds: float | None) -> float | None:
+            return None if seconds is None else round(seconds * 1e3, 1)
+
         rate = round(self.prefix_hits / self.prefix_queries, 4) if self.prefix_queries else None
         accept = round(self.spec_accepted / self.spec_drafted, 4) if self.spec_drafted else None
-        ms = (lambda v: None if v is None else round(v * 1e3, 1))
         return [self.second, self.output_tokens, mean(self.seqs), mean(self.tokens), self.waiting_max,
                 round(self.kv_usage, 4), self.preemptions, rate, accept,
                 ms(percentile(self.ttfts, 0.5)), ms(percentile(self.ttfts, 0.95)),
