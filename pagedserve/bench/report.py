@@ -1,4 +1,5 @@
 """The results folder: results.json (every raw measurement), report.md (tables + plots) and the PNGs,
+report.html (the same charts, interactive, in one file),
 plus the one-screen summary printed at the end of a run.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pagedserve.bench import batch_gain, compare, metrics, plots, prefix_cache
+from pagedserve.bench import batch_gain, compare, html_report, metrics, plots, prefix_cache
 from pagedserve.bench.records import RunResult
 from pagedserve.bench.workloads import Workload, WorkloadRequest
 
@@ -351,6 +352,7 @@ def write_report(out_dir: str | Path, workload: Workload, runs: Sequence[RunResu
         json.dump(_clean(results), f, indent=1)
     plot_paths = plots.write_all(runs, summaries, out)
     write_markdown(out / "report.md", meta, desc, summaries, headlines, runs, plot_paths, gain)
+    html_report.write_html(out / "report.html", runs, summaries, meta)
     return results
 
 
@@ -408,5 +410,5 @@ def terminal_summary(results: dict, out_dir: str | Path) -> str:
         f"{e['run']['system']}: {n}" for e in results["systems"] for n in e["run"].get("notes", [])]
     if notes:
         lines += [""] + [f"note: {n}" for n in notes]
-    lines += ["", f"report: {Path(out_dir) / 'report.md'}  (results.json and plots beside it)"]
+    lines += ["", f"report: {Path(out_dir) / 'report.md'}  (report.html, results.json and plots beside it)"]
     return "\n".join(lines)

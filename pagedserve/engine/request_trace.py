@@ -77,7 +77,7 @@ class RequestTracer:
 
     def __init__(self, path: str | None = None) -> None:
         self.path = path
-        self._file: IO[str] | None = open(path, "a", buffering=1 << 16) if path else None  # noqa: SIM115
+        self._file: IO[str] | None = open(path, "a", buffering=1) if path else None  # line-buffered  # noqa: SIM115
         self._live: dict[str, _Live] = {}
         self._recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._rows: deque[dict[str, Any]] = deque(maxlen=RECENT_TRACES)  # their summaries, oldest first

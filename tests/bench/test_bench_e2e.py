@@ -123,3 +123,34 @@ def test_plots_without_per_step_data(tmp_path):
     assert [p.name for p in paths] == list(PLOT_FILES)
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _html_data(path) -> dict:
+    text = path.read_text()
+    start = text.index('<script id="data" type="application/json">') + len('<script id="data" type="application/json">')
+    return json.loads(text[start:text.index("</script>", start)])
+
+
+def test_html_report_holds_every_system_and_draws_in_a_browser(bench_run):
+    from tests.browser import CHROMEDRIVER, CHROMIUM, console_errors, headless_chromium
+
+    page = bench_run / "report.html"
+    data = _html_data(page)
+    results = json.loads((bench_run / "results.json").read_text())
+    assert [s["name"] for s in data["systems"]] == [s["summary"]["system"] for s in results["systems"]]
+    for system, entry in zip(data["systems"], results["systems"], strict=True):
+        assert system["figures"]["completed"] == entry["summary"]["completed"]
+        assert len(system["cdf"]["ttft"]["xs"]) == entry["summary"]["ttft"]["count"]
+    assert "cdn" not in page.read_text().lower()
+    from pathlib import Path
+    if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver for the drawing half")
+    driver = headless_chromium()
+    try:
+        driver.get(page.as_uri())
+        charts = driver.find_elements("css selector", "canvas[data-chart]")
+        assert len(charts) == 8
+        assert all(int(c.get_attribute("data-points") or 0) > 0 for c in charts)
+        assert not console_errors(driver)
+    finally:
+        driver.quit()

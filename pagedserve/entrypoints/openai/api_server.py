@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedserve import __version__
 from pagedserve.engine.async_engine import EngineSource, make_engine_client
 from pagedserve.engine.protocol import EngineClient
+from pagedserve.entrypoints.openai.dashboard import add_dashboard_routes
 from pagedserve.entrypoints.openai.errors import (
     APIError,
     bad_request,
@@ -92,6 +93,8 @@ def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> Fast
     app.state.metrics = metrics
     app.state.serving = serving
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.state.dashboard = add_dashboard_routes(app, async_engine, config.dashboard_interval_s,
+                                               config.dashboard_max_cells, config.dashboard_max_rows)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:

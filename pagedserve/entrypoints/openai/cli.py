@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=os.environ.get("PAGEDSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                   help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize, /dashboard "
                         "(default: $PAGEDSERVE_API_KEY)")
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
     g.add_argument("--max-queued-requests", type=int, default=256,
@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--tool-call-parser", default=None, choices=list(TOOL_CALL_PARSERS),
                    help="the model's tool-call format for tool_choice auto (hermes: <tool_call>{...}</tool_call>, "
                         "as Hermes and Qwen models write it)")
+    g.add_argument("--dashboard-interval", type=float, default=0.5,
+                   help="seconds between the live page's updates (/dashboard; each is one snapshot of the engine)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
@@ -55,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--stream-interval must be >= 1, got {args.stream_interval}")
     if args.max_request_body_bytes < 1:
         raise ValueError(f"--max-request-body-bytes must be >= 1, got {args.max_request_body_bytes}")
+    if not 0.05 <= args.dashboard_interval <= 60:
+        raise ValueError(f"--dashboard-interval must be in [0.05, 60] seconds, got {args.dashboard_interval}")
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: "
                          f"{', '.join(TOOL_CALL_PARSERS)})")
@@ -64,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_queued_requests=args.max_queued_requests,
                           max_body_bytes=args.max_request_body_bytes, stream_interval=args.stream_interval,
                           enable_auto_tool_choice=args.enable_auto_tool_choice,
-                          tool_call_parser=args.tool_call_parser)
+                          tool_call_parser=args.tool_call_parser, dashboard_interval_s=args.dashboard_interval)
     # A config, not an engine: the model is built on the thread that will run it (one OpenMP pool).
     app = build_app(engine_config, config)
     return run_server(app, args.host, args.port, args.shutdown_timeout, args.log_level)

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import hmac
 import json
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pagedserve.entrypoints.openai.errors import error_body
 
 # Routes that need the key when one is set (health, version and metrics stay open for probes/scrapers).
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/dashboard")
+# The live page's static files hold no data: open, so the page loads before its script adds the key.
+OPEN_PREFIXES = ("/dashboard/static/",)
+# A browser's EventSource cannot send headers: the live page may carry the key as ?api_key=KEY.
+QUERY_KEY_PREFIXES = ("/dashboard",)
 
 
 class RequestGuard:
@@ -27,8 +32,11 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.api_key and scope["path"].startswith(PROTECTED_PREFIXES) and not self._authorized(scope):
-            await _send_error(send, 401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
+        path = scope["path"]
+        if (self.api_key and path.startswith(PROTECTED_PREFIXES) and not path.startswith(OPEN_PREFIXES)
+                and not self._authorized(scope)):
+            how = " (or ?api_key=<key> on /dashboard)" if path.startswith(QUERY_KEY_PREFIXES) else ""
+            await _send_error(send, 401, f"invalid or missing API key: send 'Authorization: Bearer <key>'{how}",
                               "authentication_error", "invalid_api_key")
             return
         if scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -69,7 +77,12 @@ class RequestGuard:
         value = _header(scope, b"authorization") or ""
         scheme, _, token = value.partition(" ")
         assert self.api_key is not None
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return True
+        if scope["path"].startswith(QUERY_KEY_PREFIXES):
+            given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("api_key", [""])[-1]
+            return hmac.compare_digest(given.encode(), self.api_key.encode())
+        return False
 
     async def _too_large(self, send: Send) -> None:
         await _send_error(send, 413, f"the request body is larger than {self.max_body_bytes} bytes",

@@ -47,6 +47,10 @@ class ServerConfig:
     # tool_choice "auto" parses the model's own tool-call format (vLLM's options; tool_calls.py).
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
+    # The live page (/dashboard): seconds between snapshots, and its bounds per snapshot.
+    dashboard_interval_s: float = 0.5
+    dashboard_max_cells: int = 16384
+    dashboard_max_rows: int = 100
 
 
 @dataclass
