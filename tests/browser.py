@@ -1,48 +1,22 @@
-"""Headless Chromium for the page tests: Debian's chromium and chromium-driver, driven by Selenium
-(.ci/run installs the packages). Tests that need it skip with `needs_chromium` where it is missing."""
+"""Headless Chromium for the page tests (pagedserve.bench.browser); `needs_chromium` skips a test where
+Debian's chromium and chromium-driver are missing (.ci/run installs them)."""
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+from pagedserve.bench.browser import (  # noqa: F401  (re-exported for the tests)
+    CHROMEDRIVER,
+    CHROMIUM,
+    chromium_available,
+    console_errors,
+    headless_chromium,
+    wait_for,
+)
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"  # screenshots; not committed
 
-needs_chromium = pytest.mark.skipif(not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+needs_chromium = pytest.mark.skipif(not chromium_available(),
                                     reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
-
-
-def headless_chromium(width: int = 1400, height: int = 1000):
-    """A Selenium driver for Debian's Chromium, with the flags this closed network needs (no background
-    connections) and the browser's console log readable."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--disable-extensions", f"--window-size={width},{height}"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-
-
-def console_errors(driver) -> list[dict]:
-    return [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    """Poll the page until `predicate()` is truthy; its value, or an AssertionError naming `what`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")

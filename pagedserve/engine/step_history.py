@@ -3,8 +3,10 @@
 A step observer of the engine core: every step adds its figures to the current second's bucket
 (steps, sequences, scheduled and output tokens, queue depth, KV usage, preemptions, prefix-cache
 lookups and hits, speculative tokens, TTFTs and inter-token gaps). Buckets of the last `window`
-seconds are kept; idle seconds are zero buckets, so the charts' time axis has no holes. The cost
-is a few additions per step and a dict update per scheduled request.
+seconds are kept, one per second: a second in which no step ended carries the gauges on while the
+engine is busy (a step may take longer than a second) and is zeros when it is idle, so the charts'
+time axis has no holes. Rates are averaged over a few seconds and percentiles taken over ten, for
+the same reason. The cost is a few additions per step and a dict update per scheduled request.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+RATE_WINDOW = 5  # seconds a rate (tokens/s) is averaged over: steps longer than a second leave empty ones
+LATENCY_WINDOW = 10  # seconds of TTFTs, gaps and prefix lookups behind each percentile and hit rate
+
+
 @dataclass
 class _Bucket:
     second: int  # Unix time, whole seconds
@@ -37,8 +43,10 @@ class _Bucket:
     tokens: int = 0  # scheduled tokens (prefill + decode + drafts)
     prefill_tokens: int = 0
     output_tokens: int = 0
-    waiting_max: int = 0
-    kv_usage: float = 0.0  # at the bucket's last step
+    waiting: int = 0  # gauges at the bucket's last step (carried into seconds without a step end)
+    kv_usage: float = 0.0
+    batch: float = 0.0
+    tokens_per_step: float = 0.0
     preemptions: int = 0
     prefix_queries: int = 0
     prefix_hits: int = 0
@@ -47,25 +55,30 @@ class _Bucket:
     ttfts: list[float] = field(default_factory=list)
     itls: list[float] = field(default_factory=list)
 
-    def row(self) -> list[Any]:
-        """The bucket as the page's series row (see SERIES)."""
-        def mean(total: float) -> float:
-            return round(total / self.steps, 2) if self.steps else 0
 
-        def ms(seconds: float | None) -> float | None:
-            return None if seconds is None else round(seconds * 1e3, 1)
+def _row(window: list[_Bucket]) -> list[Any]:
+    """The last bucket of `window` as a series row (see SERIES): gauges as they were, rates over the last
+    RATE_WINDOW seconds, percentiles and ratios over the whole window."""
+    b = window[-1]
+    recent = window[-RATE_WINDOW:]
+    ttfts = [v for w in window for v in w.ttfts]
+    itls = [v for w in window for v in w.itls]
+    queries = sum(w.prefix_queries for w in window)
+    drafted = sum(w.spec_drafted for w in window)
 
-        rate = round(self.prefix_hits / self.prefix_queries, 4) if self.prefix_queries else None
-        accept = round(self.spec_accepted / self.spec_drafted, 4) if self.spec_drafted else None
-        return [self.second, self.output_tokens, mean(self.seqs), mean(self.tokens), self.waiting_max,
-                round(self.kv_usage, 4), self.preemptions, rate, accept,
-                ms(percentile(self.ttfts, 0.5)), ms(percentile(self.ttfts, 0.95)),
-                ms(percentile(self.itls, 0.5)), ms(percentile(self.itls, 0.95)),
-                self.steps, round(self.busy_s, 3), self.prefill_tokens]
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1e3, 1)
+
+    return [b.second, round(sum(w.output_tokens for w in recent) / len(recent), 1), round(b.batch, 2),
+            round(b.tokens_per_step, 2), b.waiting, round(b.kv_usage, 4), b.preemptions,
+            round(sum(w.prefix_hits for w in window) / queries, 4) if queries else None,
+            round(sum(w.spec_accepted for w in window) / drafted, 4) if drafted else None,
+            ms(percentile(ttfts, 0.5)), ms(percentile(ttfts, 0.95)), ms(percentile(itls, 0.5)),
+            ms(percentile(itls, 0.95)), b.steps, round(b.busy_s, 3), b.prefill_tokens]
 
 
 # Column names of `StepHistory.series()` rows, in order.
-SERIES = ["t", "output_tokens", "batch_size", "tokens_per_step", "queue_depth", "kv_usage", "preemptions",
+SERIES = ["t", "output_tokens_per_s", "batch_size", "tokens_per_step", "queue_depth", "kv_usage", "preemptions",
           "prefix_hit_rate", "spec_acceptance", "ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "itl_p95_ms",
           "steps", "busy_s", "prefill_tokens"]
 
@@ -75,6 +88,7 @@ class StepHistory:
         self.core = core  # read after each step: the waiting queue, the pool, cumulative counters
         self._buckets: deque[_Bucket] = deque(maxlen=window_s)
         self._last_token: dict[str, float] = {}  # request id → when it last got tokens (for gaps)
+        self._rows: dict[int, list[Any]] = {}  # rows of seconds that are over
         self._unix_offset = time.time() - time.monotonic()
         self._counters = self._read_counters()
 
@@ -86,12 +100,19 @@ class StepHistory:
                 spec.num_draft_tokens if spec else 0, spec.num_accepted_tokens if spec else 0)
 
     def _bucket(self, mono: float) -> _Bucket:
+        """The bucket of `mono`'s second, after a bucket for every second since the last one: those carry
+        the gauges on while a step is running, and are zeros when the engine is idle."""
         second = int(mono + self._unix_offset)
-        last = self._buckets[-1].second if self._buckets else second
-        for s in range(max(last + 1, second - self._buckets.maxlen + 1), second + 1):  # idle seconds: zeros
-            self._buckets.append(_Bucket(s))
         if not self._buckets:
             self._buckets.append(_Bucket(second))
+        last = self._buckets[-1]
+        busy = self.core.scheduler.has_unfinished()
+        for s in range(max(last.second + 1, second - self._buckets.maxlen + 1), second + 1):
+            b = _Bucket(s)
+            if busy:
+                b.waiting, b.kv_usage, b.batch, b.tokens_per_step = (last.waiting, last.kv_usage, last.batch,
+                                                                     last.tokens_per_step)
+            self._buckets.append(b)
         return self._buckets[-1]
 
     # --- the core's step observer ------------------------------------------------------------------
@@ -105,6 +126,8 @@ class StepHistory:
         b.busy_s += end - start
         b.seqs += len(sched.scheduled)
         b.tokens += sched.num_tokens
+        b.batch = b.seqs / b.steps
+        b.tokens_per_step = b.tokens / b.steps
         requests = {s.request.request_id: s.request for s in sched.scheduled}
         for out in outputs.outputs:
             n = len(out.new_token_ids)
@@ -122,7 +145,7 @@ class StepHistory:
                 self._last_token.pop(out.request_id, None)
         b.prefill_tokens += sum(s.num_new_tokens for s in sched.scheduled if s.num_new_tokens > 1 + s.num_spec_tokens)
         core = self.core
-        b.waiting_max = max(b.waiting_max, len(core.scheduler.waiting))
+        b.waiting = len(core.scheduler.waiting)
         pool = core.kv.pool
         b.kv_usage = (pool.num_blocks - pool.num_free) / pool.num_blocks
         counters = self._read_counters()
@@ -141,6 +164,19 @@ class StepHistory:
     # --- what the page reads -------------------------------------------------------------------
 
     def series(self) -> list[list[Any]]:
-        """One row per second of the window, up to now (SERIES names the columns)."""
+        """One row per second of the window, up to now (SERIES names the columns). A second's row is
+        computed once it is over; only the current one is recomputed at each call."""
         self._bucket(time.monotonic())
-        return [b.row() for b in self._buckets]
+        buckets = list(self._buckets)
+        first = buckets[0].second
+        for second in [s for s in self._rows if s < first]:
+            del self._rows[second]
+        rows = []
+        for i, b in enumerate(buckets):
+            row = self._rows.get(b.second)
+            if row is None:
+                row = _row(buckets[max(0, i - LATENCY_WINDOW + 1):i + 1])
+                if i < len(buckets) - 1:
+                    self._rows[b.second] = row
+            rows.append(row)
+        return rows

@@ -240,15 +240,15 @@
   // --- charts ------------------------------------------------------------------------------------------
 
   const CHARTS = [
-    ["tokens/s", [["output tokens/s", "output_tokens"]]],
+    ["tokens/s", [["output tokens/s (5 s mean)", "output_tokens_per_s"]]],
     ["batch", [["sequences per step", "batch_size"], ["tokens per step", "tokens_per_step"]]],
     ["queue depth", [["waiting", "queue_depth"]]],
     ["KV usage", [["used blocks", "kv_usage", 100]], "%"],
-    ["TTFT", [["p50", "ttft_p50_ms"], ["p95", "ttft_p95_ms"]], "ms"],
-    ["inter-token latency", [["p50", "itl_p50_ms"], ["p95", "itl_p95_ms"]], "ms"],
+    ["TTFT (last 10 s)", [["p50", "ttft_p50_ms"], ["p95", "ttft_p95_ms"]], "ms"],
+    ["inter-token latency (last 10 s)", [["p50", "itl_p50_ms"], ["p95", "itl_p95_ms"]], "ms"],
     ["preemptions", [["per second", "preemptions"]]],
-    ["prefix cache", [["hit rate", "prefix_hit_rate", 100]], "%"],
-    ["speculative decoding", [["acceptance", "spec_acceptance", 100]], "%"],
+    ["prefix cache (last 10 s)", [["hit rate", "prefix_hit_rate", 100]], "%"],
+    ["speculative decoding", [["acceptance (last 10 s)", "spec_acceptance", 100]], "%"],
   ];
   const chartCanvases = [];
 
