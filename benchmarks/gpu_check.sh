@@ -2,7 +2,7 @@
 # The GPU checks in one go, sized for a short lease on one card:
 #   1. the Triton kernel and CUDA-graph tests on CUDA (the same tests run on CPU in Triton's interpreter);
 #   2. benchmarks/gpu_bench.py: parity with transformers on CUDA (float32 and bfloat16), decode attention
-#      GB/s, the 64-request workload (Triton vs the PyTorch reference), the batch-1 decode step against
+#      GB/s, the 64-request workload, the batch-1 decode step against
 #      the memory floor, transformers `generate`, and the nano-vllm shape (256 sequences); the engine
 #      figures with decode CUDA graphs and with enforce_eager.
 # Models are random-weight and built on the machine (the SmolLM2 GGUF is too large to carry); only the
@@ -13,7 +13,7 @@ set -u -o pipefail
 OUT=${OUT:-gpu-results}
 PY=${PY:-python3}
 TOKENIZER=${TOKENIZER:-.gpu/tokenizer}
-SECTIONS=${SECTIONS:-parity,attention,workload64,batch1,transformers,nano}
+SECTIONS=${SECTIONS:-parity,batch1,workload64,attention,nano,transformers}
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PAGEDSERVE_CPU_KERNELS=0  # the CPU extension is not needed on a GPU run
 mkdir -p "$OUT"
