@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_manager import BlockInfo
+from pagedserve.core.kv_events import KVEventLog
 from pagedserve.engine.input_processor import EngineInput, InputProcessor, PromptType
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.protocol import EngineClient, EngineStats, ModelInfo, StepHook
@@ -271,6 +272,12 @@ class AsyncLLMEngine(EngineClient):
 
     async def reset_prefix_cache(self) -> bool:
         return await self.call(lambda e: e.reset_prefix_cache())
+
+    def kv_events(self) -> KVEventLog | None:
+        return self.engine.core.kv.kv_events  # the log takes its own lock: no hop to the engine thread
+
+    def kv_block_size(self) -> int | None:
+        return self.engine.core.kv.block_size
 
     def initial_stats(self) -> EngineStats:
         """Figures before the loop starts (read on the caller's thread: nothing runs yet)."""
