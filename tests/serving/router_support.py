@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,3 +91,60 @@ def launch_router(*args: str, api_key: str | None = None, ready_timeout: float =
 
 def backend_args(replicas: list[ServerProcess]) -> list[str]:
     return [a for r in replicas for a in ("--backend", r.base_url)]
+
+
+LONG = {"max_tokens": 500, "temperature": 1.0, "ignore_eos": True}  # a second or two of a tiny replica's work
+
+
+class HeldRequests:
+    """Long streamed completions sent straight to a replica (not through the router), each sent again as
+    soon as it ends, to keep the replica busy or full until the block exits; closing their connections
+    aborts them."""
+
+    def __init__(self, url: str, model: str, n: int) -> None:
+        self.url, self.model, self.n = url, model, n
+        self.clients: list[httpx.Client] = []
+        self.threads: list[threading.Thread] = []
+        self.statuses: list[int] = []
+        self.stop = threading.Event()
+
+    def _run(self, i: int) -> None:
+        client = httpx.Client(timeout=120)
+        self.clients.append(client)
+        body = {"model": self.model, "prompt": f"Busy work number {i}:", "stream": True, **LONG}
+        while not self.stop.is_set():
+            try:
+                with client.stream("POST", f"{self.url}/v1/completions", json=body) as r:
+                    self.statuses.append(r.status_code)
+                    for _ in r.iter_raw():
+                        pass
+            except (httpx.HTTPError, RuntimeError):
+                return
+
+    def __enter__(self) -> HeldRequests:
+        for i in range(self.n):
+            t = threading.Thread(target=self._run, args=(i,), daemon=True)
+            t.start()
+            self.threads.append(t)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for c in list(self.clients):
+            with contextlib.suppress(Exception):
+                c.close()
+        for t in self.threads:
+            t.join(30)
+
+
+def replica_load(replica: ServerProcess) -> float:
+    m = replica.metrics()
+    return m[("vllm:num_requests_running", ())] + m[("vllm:num_requests_waiting", ())]
+
+
+def wait_until(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not reached after {timeout}s")
+        time.sleep(0.05)
