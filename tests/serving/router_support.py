@@ -51,6 +51,37 @@ class RouterProcess(ServerProcess):
 
 
 @contextlib.contextmanager
+def launch_replica(model: str, *args: str, port: int | None = None, ready_timeout: float = 120.0
+                   ) -> Iterator[ServerProcess]:
+    """A tiny replica (no API key) on `port` (a free one by default), so a test can bring one back on
+    the port it had; always killed on exit."""
+    port = port or free_port()
+    cmd = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--model", model, "--host", "127.0.0.1",
+           "--port", str(port), "--log-level", "warning", *REPLICA_ARGS, *args]
+    log = tempfile.NamedTemporaryFile(prefix="pagedserve-replica-", suffix=".log", delete=False)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(proc, f"http://127.0.0.1:{port}", model, None, Path(log.name))
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"replica exited with {proc.returncode}:\n{server.log()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.base_url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"replica not ready after {ready_timeout}s:\n{server.log()[-4000:]}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        stop_process(proc)
+        log.close()
+        with contextlib.suppress(OSError):
+            os.unlink(log.name)
+
+
+@contextlib.contextmanager
 def launch_replicas(model: str, n: int, *args: str) -> Iterator[list[ServerProcess]]:
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(launch_server(model, *REPLICA_ARGS, *args, api_key=None)) for _ in range(n)]
