@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 from tests.server.test_server_support import REPO, ServerProcess, free_port, launch_server, stop_process
 
@@ -100,6 +101,7 @@ def launch_router(*args: str, api_key: str | None = None, ready_timeout: float =
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     router = RouterProcess(proc, f"http://127.0.0.1:{port}", "", api_key, Path(log.name))
+    children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + ready_timeout
         while True:
@@ -114,7 +116,13 @@ def launch_router(*args: str, api_key: str | None = None, ready_timeout: float =
             time.sleep(0.1)
         yield router
     finally:
+        # The replicas an autoscaling router started: killed too if the router could not stop them.
+        with contextlib.suppress(psutil.Error):
+            children = psutil.Process(proc.pid).children(recursive=True)
         stop_process(proc, timeout=60)
+        for child in children:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
         log.close()
         with contextlib.suppress(OSError):
             os.unlink(log.name)
