@@ -46,8 +46,11 @@ def test_scales_one_to_two_and_back_answering_every_request(tiny_llama_dir):
                 t.join(120)
         # Load gone: after the down delay one replica is drained and stopped.
         router.wait_for(lambda: len(router.backends()) == 1, timeout=60, what="back to one replica")
-        decisions = {dict(labels)["direction"]: v for (name, labels), v in router.metrics().items()
-                     if name == "pagedserve_autoscaler_decisions_total"}
+        decisions: dict[str, float] = {}
+        for (name, labels), v in router.metrics().items():
+            if name == "pagedserve_autoscaler_decisions_total":
+                direction = dict(labels)["direction"]
+                decisions[direction] = decisions.get(direction, 0) + v
         assert decisions.get("up", 0) >= 1 and decisions.get("down", 0) >= 1
         assert len(results) >= 8 and all(r == (200, 150) for r in results), results
         r = httpx.post(f"{router.base_url}/v1/completions", json={"model": model, "prompt": "after", "max_tokens": 3},
