@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pagedserve import __version__
 from pagedserve.entrypoints.openai.errors import APIError, bad_request, overloaded, unavailable
 from pagedserve.entrypoints.openai.middleware import RequestGuard
+from pagedserve.entrypoints.openai.serving_base import ClientDisconnected, until_disconnect
 from pagedserve.serving.backends import Backend, BackendPool, Tier
 from pagedserve.serving.config import RouterConfig
 from pagedserve.serving.metrics import RouterMetrics
@@ -34,7 +35,6 @@ from pagedserve.serving.policies import Policy, RouteRequest, make_policy, promp
 
 logger = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 _STATUS_TYPES = {401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error"}
 
 
@@ -213,7 +213,8 @@ class Router:
             backend.queued_tokens += charge
             self.metrics.in_flight.labels(backend.url).set(backend.in_flight)
             try:
-                return await self._attempt(backend, tier, endpoint, content, bool(stream), arrival, deadline, charge)
+                return await self._attempt(request, backend, tier, endpoint, content, bool(stream), arrival,
+                                           deadline, charge)
             except _Retry as r:
                 self.metrics.retries.labels(tier.name, str(r)).inc()
                 if isinstance(r.__cause__, _Refused):
@@ -228,9 +229,11 @@ class Router:
         raise APIError(503, f"no replica of tier {tier.name!r} could take the request ({len(tried)} tried)",
                        "service_unavailable", None, "no_healthy_replica", headers={"Retry-After": "1"})
 
-    async def _attempt(self, b: Backend, tier: Tier, endpoint: str, content: bytes, stream: bool, arrival: float,
-                       deadline: float, charge: int) -> Response:
-        """One replica's try. Raises _Retry (with the slot released) when the request may go elsewhere."""
+    async def _attempt(self, raw: Request, b: Backend, tier: Tier, endpoint: str, content: bytes, stream: bool,
+                       arrival: float, deadline: float, charge: int) -> Response:
+        """One replica's try. Raises _Retry (with the slot released) when the request may go elsewhere.
+        A client that leaves before its answer has its replica request cancelled (the connection to the
+        replica closes, and the replica aborts the request and frees its blocks)."""
         headers = {"content-type": "application/json"}
         if self.config.backend_api_key:
             headers["authorization"] = f"Bearer {self.config.backend_api_key}"
@@ -238,15 +241,15 @@ class Router:
         handed_over = False
         try:
             try:
-                upstream = await asyncio.wait_for(
+                upstream = await until_disconnect(raw, asyncio.wait_for(
                     self.client.send(self.client.build_request("POST", b.url + endpoint, content=content,
                                                                headers=headers), stream=True),
-                    _remaining(deadline))
+                    _remaining(deadline)))
                 if upstream.status_code == 503:  # full or draining: another replica may take it
                     body = await asyncio.wait_for(upstream.aread(), _remaining(deadline))
                     raise _Retry("backend_503") from _Refused(upstream, body)
                 if not stream or upstream.status_code != 200:
-                    data = await asyncio.wait_for(upstream.aread(), _remaining(deadline))
+                    data = await until_disconnect(raw, asyncio.wait_for(upstream.aread(), _remaining(deadline)))
                     self._count(b, tier, upstream.status_code, arrival, done=True)
                     return Response(data, upstream.status_code,
                                     media_type=upstream.headers.get("content-type", "application/json"))
@@ -264,12 +267,17 @@ class Router:
             except asyncio.TimeoutError:
                 raise APIError(504, "the request deadline passed before the replica answered", "timeout_error",
                                None, "deadline_exceeded") from None
+            except ClientDisconnected:
+                self._count(b, tier, "client_closed", arrival, done=False)
+                return Response(status_code=499)  # nobody reads it
             # Committed: the first byte is here, so this replica is the one (no retry from now on).
             b.queued_tokens -= charge
             charge = 0
             self.metrics.ttfb.labels(tier.name).observe(time.monotonic() - arrival)
             handed_over = True
+            passed = {k: v for k, v in upstream.headers.items() if k.lower() in ("cache-control", "x-accel-buffering")}
             return StreamingResponse(self._relay(b, tier, upstream, chunks, first, arrival, deadline), 200,
+                                     headers=passed,
                                      media_type=upstream.headers.get("content-type", "text/event-stream"))
         finally:
             if not handed_over:
@@ -354,6 +362,10 @@ def build_router_app(router: Router) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await router.forward("/v1/chat/completions", request)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await router.forward("/v1/embeddings", request)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

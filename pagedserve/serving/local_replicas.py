@@ -87,6 +87,15 @@ class LocalReplicaSet:
                 raise TimeoutError(f"replicas not healthy after {self.start_timeout_s:.0f} s")
             await asyncio.sleep(0.2)
 
+    def reap(self) -> None:
+        """Forget replicas whose process died (the router has ejected them already): the policy then
+        sees fewer replicas and starts new ones."""
+        for key, r in list(self.replicas.items()):
+            if not r.backend.draining and r.proc.poll() is not None:
+                logger.warning("replica %s exited with %s; log: %s", r.backend.url, r.proc.returncode, r.log_path)
+                self.router.pool.remove(r.backend)
+                del self.replicas[key]
+
     def retire(self, backend: Backend) -> None:
         """Drain, then stop (in the background)."""
         backend.draining = True
@@ -174,6 +183,7 @@ class LocalAutoscaler:
                 logger.exception("autoscaler tick failed")
 
     def tick(self) -> None:
+        self.replicas.reap()
         m = self.inputs()
         d = self.policy.decide(time.monotonic(), m)
         tier = self.replicas.tier

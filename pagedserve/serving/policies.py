@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RouteRequest:
-    endpoint: str  # "/v1/completions" or "/v1/chat/completions"
+    endpoint: str  # "/v1/completions", "/v1/chat/completions" or "/v1/embeddings"
     body: dict
     headers: dict[str, str]  # lower-cased names
     text: str  # the prompt as text (chat: its messages' contents), for text-based policies
@@ -165,7 +165,7 @@ class KVAware(Policy):
             if req.body.get("tools"):
                 payload["tools"] = req.body["tools"]
         else:
-            prompt = req.body.get("prompt")
+            prompt = req.body.get("input" if req.endpoint.endswith("/embeddings") else "prompt")
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
                 prompt = prompt[0]  # a batch: its first prompt stands for it
             if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
@@ -249,7 +249,7 @@ def prompt_text(endpoint: str, body: dict) -> str:
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
             parts.append(f"{m.get('role', '')}:{content or ''}\n")
         return "".join(parts)
-    prompt = body.get("prompt")
+    prompt = body.get("input") if endpoint.endswith("/embeddings") else body.get("prompt")
     if isinstance(prompt, list) and prompt:
         prompt = prompt[0]
     if isinstance(prompt, list):  # token ids: their digits stand in for text

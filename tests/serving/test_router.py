@@ -191,3 +191,21 @@ def test_tiers_by_model_header_and_prompt_length(replicas, tiny_llama_dir, tmp_p
             assert _routed(router, {"model": "auto", "prompt": "hi", "max_tokens": 1},
                            headers={"X-Tier": "large"}) == large.base_url
             assert _routed(router, {"model": "auto", "prompt": "hi", "max_tokens": 1}) != large.base_url
+
+
+def _aborts(replicas) -> float:
+    return sum(r.metric("vllm:request_success_total", finished_reason="abort") for r in replicas)
+
+
+def test_a_client_that_leaves_aborts_its_replica_request_embeddings_pass(replicas):
+    model = replicas[0].model
+    with launch_router(*backend_args(replicas)) as router:
+        before = _aborts(replicas)
+        with pytest.raises(httpx.ReadTimeout):  # a non-streamed request whose client gives up
+            httpx.post(f"{router.base_url}/v1/completions", json={"model": model, "prompt": "leave", **LONG_BODY},
+                       timeout=0.5)
+        wait_until(lambda: _aborts(replicas) - before == 1, timeout=20, what="the replica aborting it")
+        r = _post(router, {"model": model, "input": "embed me"}, path="/v1/embeddings")
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
+    r = httpx.get(f"{replicas[0].base_url}/kv_events", params={"limit": "0"}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
