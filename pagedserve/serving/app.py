@@ -12,6 +12,7 @@ its in-flight cap, requests wait in a bounded queue (beyond it: 503 with Retry-A
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -49,7 +50,8 @@ class Router:
         config.validate()
         self.config = config
         self.metrics = RouterMetrics()
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+        # Idle connections are dropped before uvicorn's 5 s keep-alive closes them from the replica's side.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=3.0)
         timeout = httpx.Timeout(None, connect=config.connect_timeout_s)  # the request deadline bounds the rest
         self.client = httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport)
         self.pool = BackendPool(config, self.client, on_eject=self._ejected, on_readmit=self._readmitted)
@@ -261,8 +263,9 @@ class Router:
             except (httpx.ConnectError, httpx.ConnectTimeout) as e:
                 self.pool.eject(b, f"connection failed: {type(e).__name__}")
                 raise _Retry("connect_error") from None
-            except (httpx.TransportError, httpx.StreamError) as e:
-                self.pool.eject(b, f"failed before its first byte: {type(e).__name__}")
+            except (httpx.TransportError, httpx.StreamError):
+                # A dropped connection (a dying replica, or a pooled connection its server had just
+                # closed): retry elsewhere, and let the health checks judge the replica.
                 raise _Retry("backend_error") from None
             except asyncio.TimeoutError:
                 raise APIError(504, "the request deadline passed before the replica answered", "timeout_error",
@@ -276,18 +279,17 @@ class Router:
             self.metrics.ttfb.labels(tier.name).observe(time.monotonic() - arrival)
             handed_over = True
             passed = {k: v for k, v in upstream.headers.items() if k.lower() in ("cache-control", "x-accel-buffering")}
-            return StreamingResponse(self._relay(b, tier, upstream, chunks, first, arrival, deadline), 200,
-                                     headers=passed,
-                                     media_type=upstream.headers.get("content-type", "text/event-stream"))
+            done = _Once(functools.partial(self._finish_stream, b, tier, upstream, arrival))
+            return _RelayResponse(self._relay(b, tier, chunks, first, deadline, done), done, 200, headers=passed,
+                                  media_type=upstream.headers.get("content-type", "text/event-stream"))
         finally:
             if not handed_over:
                 if upstream is not None:
                     await upstream.aclose()
                 await self.release(b, charge)
 
-    async def _relay(self, b: Backend, tier: Tier, upstream: httpx.Response, chunks: AsyncIterator[bytes],
-                     first: bytes, arrival: float, deadline: float) -> AsyncIterator[bytes]:
-        status = "200"
+    async def _relay(self, b: Backend, tier: Tier, chunks: AsyncIterator[bytes], first: bytes, deadline: float,
+                     done: _Once) -> AsyncIterator[bytes]:
         try:
             if first:
                 yield first
@@ -299,18 +301,25 @@ class Router:
                 yield chunk
         except (httpx.TransportError, httpx.StreamError) as e:
             # Tokens went out already: no retry. Cut the client's stream so it sees the failure.
-            status = "stream_error"
+            done.status = "stream_error"
             logger.warning("replica %s failed mid-stream: %s", b.url, type(e).__name__)
             raise
         except asyncio.TimeoutError:
-            status = "deadline"
+            done.status = "deadline"
             logger.warning("request to %s passed its deadline mid-stream", b.url)
             raise
+        except (asyncio.CancelledError, GeneratorExit):
+            done.status = "client_closed"
+            raise
         finally:
-            self._count(b, tier, status, arrival, done=True)
             with anyio.CancelScope(shield=True):  # a client that left cancels us: finish the bookkeeping
-                await upstream.aclose()
-                await self.release(b, 0)
+                await done()
+
+    async def _finish_stream(self, b: Backend, tier: Tier, upstream: httpx.Response, arrival: float,
+                             status: str) -> None:
+        self._count(b, tier, status, arrival, done=True)
+        await upstream.aclose()  # closing it early aborts the request at the replica
+        await self.release(b, 0)
 
     def _count(self, b: Backend, tier: Tier, status: int | str, arrival: float, done: bool) -> None:
         self.metrics.requests.labels(tier.name, b.url, str(status)).inc()
@@ -319,6 +328,35 @@ class Router:
             self.metrics.latency.labels(tier.name).observe(latency)
             for hook in self.on_request_done:
                 hook(tier.name, latency)
+
+
+class _Once:
+    """A streamed response's bookkeeping, run exactly once: by the relay's end, or by the response
+    itself when the relay never started (a client that left before the first chunk was sent)."""
+
+    def __init__(self, finish: Callable[[str], Awaitable[None]]) -> None:
+        self.finish = finish
+        self.status = "200"
+        self.ran = False
+
+    async def __call__(self) -> None:
+        if not self.ran:
+            self.ran = True
+            await self.finish(self.status)
+
+
+class _RelayResponse(StreamingResponse):
+    def __init__(self, content: AsyncIterator[bytes], done: _Once, status_code: int, headers: dict[str, str],
+                 media_type: str) -> None:
+        super().__init__(content, status_code, headers=headers, media_type=media_type)
+        self.done = done
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.done()
 
 
 class _Refused(Exception):

@@ -205,6 +205,12 @@ def test_a_client_that_leaves_aborts_its_replica_request_embeddings_pass(replica
             httpx.post(f"{router.base_url}/v1/completions", json={"model": model, "prompt": "leave", **LONG_BODY},
                        timeout=0.5)
         wait_until(lambda: _aborts(replicas) - before == 1, timeout=20, what="the replica aborting it")
+        with httpx.stream("POST", f"{router.base_url}/v1/completions", timeout=60,
+                          json={"model": model, "prompt": "leave later", "stream": True, **LONG_BODY}) as r:
+            events = sse_events(r.iter_lines())
+            next(events), next(events)  # then hang up mid-stream
+        wait_until(lambda: _aborts(replicas) - before == 2, timeout=20, what="the replica aborting the stream")
+        router.wait_for(lambda: all(b["in_flight"] == 0 for b in router.backends()), what="slots released")
         r = _post(router, {"model": model, "input": "embed me"}, path="/v1/embeddings")
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
     r = httpx.get(f"{replicas[0].base_url}/kv_events", params={"limit": "0"}, timeout=10)
