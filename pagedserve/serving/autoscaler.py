@@ -7,7 +7,8 @@ as Kubernetes' HPA and Knative compute it. Within `tolerance` of 1 nothing chang
 goes below what the requests in flight need (`max_in_flight_per_replica` each), nor outside
 [min_replicas, max_replicas].
 
-Hysteresis: a scale-up happens only after the wish to grow has held for `upscale_delay_s`, a
+Hysteresis: a scale-up happens only after the wish to grow has held for `upscale_delay_s` (and not
+while replicas started before are still coming up), a
 scale-down only after the wish to shrink has held for `downscale_delay_s`, and a scale-down goes to
 the largest count wished for during that window, so a load that dips for a moment does not make the
 replica count flap.
@@ -58,6 +59,7 @@ class ScaleInputs:
     kv_usage: float  # mean over replicas
     in_flight: int  # requests the router has at replicas
     p95_latency_s: float | None = None  # over the recent window; None: no requests in it
+    starting: int = 0  # of `current`, replicas not serving yet
 
 
 @dataclass
@@ -104,6 +106,9 @@ class AutoscalerPolicy:
         c = self.config
         if want > m.current:
             self._down_since = None
+            if m.starting:  # their capacity is on its way: judge the load once they serve
+                self._up_since = None
+                return Decision(m.current, "hold", f"{why}; {m.starting} replicas still starting", signal)
             if self._up_since is None:
                 self._up_since = now
             if now - self._up_since >= c.upscale_delay_s:

@@ -172,7 +172,8 @@ class LocalAutoscaler:
         return ScaleInputs(current=len(active), num_waiting=sum(b.num_waiting for b in serving),
                            kv_usage=sum(b.kv_usage for b in serving) / len(serving) if serving else 0.0,
                            in_flight=sum(b.in_flight for b in active),
-                           p95_latency_s=p95([lat for _, lat in self.latencies]))
+                           p95_latency_s=p95([lat for _, lat in self.latencies]),
+                           starting=sum(not b.ever_healthy for b in active))
 
     async def _loop(self) -> None:
         while True:

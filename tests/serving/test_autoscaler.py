@@ -68,3 +68,10 @@ def test_latency_and_kv_usage_are_signals_too():
     d = _policy(upscale_delay_s=0).decide(0, ScaleInputs(1, 0.0, 0.99 * 2, 0))
     assert d.signal == "kv_usage" and d.desired == 3
     assert p95([float(i) for i in range(1, 101)]) == 95.0 and p95([]) is None
+
+
+def test_no_second_scale_up_while_replicas_are_starting():
+    p = _policy(upscale_delay_s=0, max_replicas=8)
+    d = p.decide(0, ScaleInputs(2, 20.0, 0.1, 0, starting=1))
+    assert d.direction == "hold" and "starting" in d.reason
+    assert p.decide(1, ScaleInputs(2, 20.0, 0.1, 0)).desired == 8
