@@ -53,7 +53,9 @@ class Router:
         # Idle connections are dropped before uvicorn's 5 s keep-alive closes them from the replica's side.
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256, keepalive_expiry=3.0)
         timeout = httpx.Timeout(None, connect=config.connect_timeout_s)  # the request deadline bounds the rest
-        self.client = httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport)
+        # The replicas' key (if they want one) goes with every call: requests, /tokenize, /kv_events.
+        auth = {"authorization": f"Bearer {config.backend_api_key}"} if config.backend_api_key else {}
+        self.client = httpx.AsyncClient(limits=limits, timeout=timeout, transport=transport, headers=auth)
         self.pool = BackendPool(config, self.client, on_eject=self._ejected, on_readmit=self._readmitted)
         self.policies: dict[str, Policy] = {
             t.name: make_policy(t.policy or config.policy, config.session_header, config.cache_aware, config.kv_aware)
@@ -206,10 +208,13 @@ class Router:
         prepared = [False]
         refusal: httpx.Response | None = None
         refusal_body = b""
+        failed: str | None = None  # why the previous attempt failed
         for _ in range(self.config.max_attempts):
             backend = await self.acquire(tier, policy, req, tried, deadline, prepared)
             if backend is None:
                 break
+            if failed is not None:
+                self.metrics.retries.labels(tier.name, failed).inc()
             tried.add(backend.url)
             charge = policy.on_routed(backend, req)
             backend.queued_tokens += charge
@@ -218,7 +223,7 @@ class Router:
                 return await self._attempt(request, backend, tier, endpoint, content, bool(stream), arrival,
                                            deadline, charge)
             except _Retry as r:
-                self.metrics.retries.labels(tier.name, str(r)).inc()
+                failed = str(r)
                 if isinstance(r.__cause__, _Refused):
                     refusal, refusal_body = r.__cause__.response, r.__cause__.body
         if refusal is not None:  # every replica tried was full or draining: their 503, with Retry-After
@@ -237,8 +242,6 @@ class Router:
         A client that leaves before its answer has its replica request cancelled (the connection to the
         replica closes, and the replica aborts the request and frees its blocks)."""
         headers = {"content-type": "application/json"}
-        if self.config.backend_api_key:
-            headers["authorization"] = f"Bearer {self.config.backend_api_key}"
         upstream: httpx.Response | None = None
         handed_over = False
         try:

@@ -12,6 +12,7 @@ from tests.serving.router_support import (
     REPLICA_ARGS,
     HeldRequests,
     backend_args,
+    launch_replica,
     launch_replicas,
     launch_router,
     replica_load,
@@ -215,3 +216,18 @@ def test_a_client_that_leaves_aborts_its_replica_request_embeddings_pass(replica
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
     r = httpx.get(f"{replicas[0].base_url}/kv_events", params={"limit": "0"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
+
+
+def test_replicas_with_their_own_key_kv_events_need_it(tiny_llama_dir):
+    model = str(tiny_llama_dir)
+    with launch_replica(model, "--api-key", "replica-key") as rep:
+        r = httpx.get(f"{rep.base_url}/kv_events", timeout=10)
+        assert r.status_code == 401  # block hashes reveal which prompts were sent
+        with launch_router("--backend", rep.base_url, "--backend-api-key", "replica-key", "--policy", "kv_aware") as router:
+            body = {"model": model, "prompt": "A shared document. " * 12, "max_tokens": 1}
+            assert _post(router, body).status_code == 200
+            router.wait_for(lambda: router.backend(rep.base_url)["kv_synced"], what="kv events read with the key")
+            r = _post(router, {**body, "prompt": body["prompt"] + "More."})
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+            assert router.metric("pagedserve_router_routing_decisions_total", tier="default", policy="kv_aware",
+                                 backend=rep.base_url, reason="kv_hit") >= 1

@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pagedserve.entrypoints.openai.errors import error_body
 
 # Routes that need the key when one is set (health, version and metrics stay open for probes/scrapers).
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# /kv_events too: its block hashes would tell anyone who can hash a guessed prompt whether it was sent.
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/kv_events")
 
 
 class RequestGuard:
