@@ -214,6 +214,12 @@ def test_a_client_that_leaves_aborts_its_replica_request_embeddings_pass(replica
         router.wait_for(lambda: all(b["in_flight"] == 0 for b in router.backends()), what="slots released")
         r = _post(router, {"model": model, "input": "embed me"}, path="/v1/embeddings")
         assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
+    # The per-request deadline: a 504 before the first byte, and the replica stops working on it.
+    with launch_router(*backend_args(replicas), "--request-timeout", "0.5") as router:
+        before = _aborts(replicas)
+        r = _post(router, {"model": model, "prompt": "too slow", **LONG_BODY})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        wait_until(lambda: _aborts(replicas) - before == 1, timeout=20, what="the replica aborting it")
     r = httpx.get(f"{replicas[0].base_url}/kv_events", params={"limit": "0"}, timeout=10)
     assert r.status_code == 400 and r.json()["error"]["param"] == "limit"
 
