@@ -169,7 +169,9 @@ class LocalAutoscaler:
         now = time.monotonic()
         while self.latencies and self.latencies[0][0] < now - self.latency_window_s:
             self.latencies.popleft()
-        return ScaleInputs(current=len(active), num_waiting=sum(b.num_waiting for b in serving),
+        # The router's own queue counts as waiting too (with a per-replica cap, the queue forms there).
+        waiting = sum(b.num_waiting for b in serving) + self.router.num_queued
+        return ScaleInputs(current=len(active), num_waiting=waiting,
                            kv_usage=sum(b.kv_usage for b in serving) / len(serving) if serving else 0.0,
                            in_flight=sum(b.in_flight for b in active),
                            p95_latency_s=p95([lat for _, lat in self.latencies]),
