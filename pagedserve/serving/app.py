@@ -438,7 +438,8 @@ def build_router_app(router: Router) -> FastAPI:
         """Each replica as the router sees it (for people and tests; the metrics carry the same figures)."""
         return JSONResponse([{"url": b.url, "tier": b.tier, "healthy": b.healthy, "draining": b.draining,
                               "in_flight": b.in_flight, "num_waiting": b.num_waiting, "kv_usage": b.kv_usage,
-                              "kv_blocks": len(b.kv.hashes), "kv_synced": b.kv.synced, "model": b.model}
+                              "kv_blocks": len(b.kv.hashes), "kv_synced": b.kv.synced,
+                              "kv_last_seq": b.kv.last_seq, "model": b.model}
                              for b in router.pool.all_backends()])
 
     return app

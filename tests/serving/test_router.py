@@ -117,7 +117,9 @@ def test_kv_aware_follows_the_replicas_real_cached_blocks(replicas):
             # Computed on one replica directly, so only its KV events can tell the router where it is.
             doc = f"Document {target.base_url[-5:]} {len(router.decisions())}: " + "the quick brown fox jumps. " * 8
             assert target.post("/v1/completions", json={"model": model, "prompt": doc, "max_tokens": 1}).status_code == 200
-            router.wait_for(lambda t=target: router.backend(t.base_url)["kv_blocks"] > 0, what="kv events read")
+            seq = httpx.get(f"{target.base_url}/kv_events", params={"since": "-1"}, timeout=10).json()["last_seq"]
+            router.wait_for(lambda t=target, s=seq: router.backend(t.base_url)["kv_last_seq"] >= s,
+                            what="the replica's events read")
             before = router.decisions()
             r = _post(router, {"model": model, "prompt": doc + " Summarize it.", "max_tokens": 2})
             assert r.status_code == 200
@@ -149,8 +151,11 @@ def test_503_when_every_replica_is_full_and_when_the_queue_is(replicas):
     model = replicas[0].model
     with launch_router(*backend_args(replicas), "--policy", "least_loaded") as router:
         with HeldRequests(replicas[0].base_url, model, 4), HeldRequests(replicas[1].base_url, model, 4):
-            wait_until(lambda: all(replica_load(r) == 4 for r in replicas), what="replicas full")
-            r = _post(router, {"model": model, "prompt": "one more", "max_tokens": 2})
+            for _ in range(10):  # a held request that just ended frees a seat for a moment: try again then
+                wait_until(lambda: all(replica_load(r) == 4 for r in replicas), what="replicas full")
+                r = _post(router, {"model": model, "prompt": "one more", "max_tokens": 2})
+                if r.status_code == 503:
+                    break
             assert r.status_code == 503 and r.headers["retry-after"]
             assert r.json()["error"]["type"] == "service_unavailable"
             assert router.metric("pagedserve_router_retries_total", tier="default", reason="backend_503") >= 1
