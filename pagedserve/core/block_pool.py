@@ -9,15 +9,25 @@ its hash (eviction).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 
 class OutOfBlocksError(RuntimeError):
     pass
 
 
+class KVEventSink(Protocol):
+    """Told when the prefix cache names, forgets or clears blocks (core/kv_events.py's log)."""
+
+    def stored(self, block_hash: bytes) -> None: ...
+    def removed(self, block_hash: bytes) -> None: ...
+    def cleared(self) -> None: ...
+
+
 class BlockPool:
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, event_sink: KVEventSink | None = None) -> None:
         self.num_blocks = num_blocks
+        self.event_sink = event_sink
         self.ref_counts = [0] * num_blocks
         self.block_hashes: list[bytes | None] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # front = evicted first
@@ -77,10 +87,15 @@ class BlockPool:
         if self.block_hashes[block] is None and block_hash not in self._cached:
             self.block_hashes[block] = block_hash
             self._cached[block_hash] = block
+            if self.event_sink is not None:
+                self.event_sink.stored(block_hash)
 
     def _evict(self, block: int) -> None:
-        del self._cached[self.block_hashes[block]]
+        block_hash = self.block_hashes[block]
+        del self._cached[block_hash]
         self.block_hashes[block] = None
+        if self.event_sink is not None:
+            self.event_sink.removed(block_hash)
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block; refused (False) while any block is in use, as in vLLM, since a
@@ -91,4 +106,6 @@ class BlockPool:
             self.block_hashes[b] = None
         self._cached.clear()
         self.num_cached_free = 0
+        if self.event_sink is not None:
+            self.event_sink.cleared()
         return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pagedserve.core.block_pool import BlockPool
+from pagedserve.core.kv_events import KVEventLog
 from pagedserve.core.prefix_cache import PrefixCacheStats, extend_block_hashes
 from pagedserve.core.request import Request
 
@@ -63,10 +64,13 @@ class BlockInfo:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 kv_events: KVEventLog | None = None) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks)
+        # The prefix cache's stored/removed blocks, for a router that routes on them (core/kv_events.py).
+        self.kv_events = kv_events
+        self.pool = BlockPool(num_blocks, kv_events)
         self.block_tables: dict[str, list[int]] = {}
         self._used_slots: dict[str, int] = {}
         self.prefix_stats = PrefixCacheStats()

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_manager import BlockInfo
+from pagedserve.core.kv_events import KVEventLog
 from pagedserve.engine.input_processor import EngineInput, InputProcessor, PromptType
 from pagedserve.engine.llm_engine import LLMEngine
 from pagedserve.engine.protocol import EngineClient, EngineStats, ModelInfo, StepHook
@@ -282,6 +283,12 @@ class AsyncLLMEngine(EngineClient):
 
     async def live_request_trace(self, request_id: str) -> dict | None:
         return await self.call(lambda e: e.live_request_trace(request_id))
+
+    def kv_events(self) -> KVEventLog | None:
+        return self.engine.core.kv.kv_events  # the log takes its own lock: no hop to the engine thread
+
+    def kv_block_size(self) -> int | None:
+        return self.engine.core.kv.block_size
 
     def initial_stats(self) -> EngineStats:
         """Figures before the loop starts (read on the caller's thread: nothing runs yet)."""

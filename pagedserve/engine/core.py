@@ -21,6 +21,7 @@ import torch
 
 from pagedserve.config import EngineConfig
 from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheManager, KVCacheStats
+from pagedserve.core.kv_events import KVEventLog
 from pagedserve.core.request import Request
 from pagedserve.core.sched.output import SchedulerOutput
 from pagedserve.core.sched.scheduler import Scheduler
@@ -97,7 +98,8 @@ class EngineCore:
         cc = config.cache
         block_bytes = kv_block_bytes(cfg, cc.block_size, config.kv_cache_torch_dtype)  # 16-bit KV: twice the blocks
         num_blocks = cc.num_blocks or max(1, int(cc.kv_cache_memory_gb * 2**30 // block_bytes))
-        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.kv = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                 KVEventLog() if cc.enable_prefix_caching else None)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, cfg, num_blocks, cc.block_size, config.kv_cache_torch_dtype,
                                   torch.device(config.device))

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from pagedserve.core.kv_cache_manager import BlockInfo, KVCacheStats
+from pagedserve.core.kv_events import KVEventLog
 from pagedserve.engine.input_processor import EngineInput, InputProcessor, PromptType
 from pagedserve.outputs import RequestOutput
 from pagedserve.pooling_params import PoolingParams
@@ -107,6 +108,15 @@ class EngineClient(ABC):
 
     async def live_request_trace(self, request_id: str) -> dict | None:
         """A live, waiting or recently finished request's span tree (OTLP/JSON); None if unknown."""
+        return None
+
+    def kv_events(self) -> KVEventLog | None:
+        """The prefix cache's block stored/removed events (thread-safe to read), or None when this engine
+        publishes none (prefix caching off, or a client that cannot reach them)."""
+        return None
+
+    def kv_block_size(self) -> int | None:
+        """Tokens per KV block, which the events' block hashes are computed over."""
         return None
 
     @abstractmethod

@@ -1,4 +1,4 @@
-"""`pagedserve` command line: generate | chat (serve, perplexity and bench register themselves here too)."""
+"""`pagedserve` command line: generate | chat (serve, router, perplexity and bench register themselves here too)."""
 
 from __future__ import annotations
 
@@ -157,12 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _optional_commands():
-    """Subcommands living in their own modules add themselves through `register`: serve, perplexity,
+    """Subcommands living in their own modules add themselves through `register`: serve, router, perplexity,
     and bench when its extra (`pip install pagedserve[bench]`: plots) is installed."""
     from pagedserve.entrypoints.openai.cli import register as register_serve
     from pagedserve.entrypoints.perplexity import register as register_perplexity
+    from pagedserve.serving.cli import register as register_router
 
-    registers = [register_serve, register_perplexity]
+    registers = [register_serve, register_perplexity, register_router]
     if importlib.util.find_spec("matplotlib") is not None:
         from pagedserve.bench.cli import register as register_bench
 

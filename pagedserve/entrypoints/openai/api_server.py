@@ -24,6 +24,7 @@ from pagedserve.entrypoints.openai.errors import (
     internal_error,
     unavailable,
 )
+from pagedserve.entrypoints.openai.kv_events import router as kv_events_router
 from pagedserve.entrypoints.openai.metrics import EngineMetrics
 from pagedserve.entrypoints.openai.middleware import RequestGuard
 from pagedserve.entrypoints.openai.protocol import (
@@ -95,6 +96,8 @@ def build_app(engine: EngineClient | EngineSource, config: ServerConfig) -> Fast
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     app.state.dashboard = add_dashboard_routes(app, async_engine, config.dashboard_interval_s,
                                                config.dashboard_max_cells, config.dashboard_max_rows)
+
+    app.include_router(kv_events_router)  # GET /kv_events, for a KV-aware router (kv_events.py)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError) -> JSONResponse:

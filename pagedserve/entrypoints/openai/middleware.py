@@ -15,7 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pagedserve.entrypoints.openai.errors import error_body
 
 # Routes that need the key when one is set (health, version and metrics stay open for probes/scrapers).
-PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/dashboard")
+# /kv_events too: its block hashes would tell anyone who can hash a guessed prompt whether it was sent.
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/dashboard", "/kv_events")
 # The live page's static files hold no data: open, so the page loads before its script adds the key.
 OPEN_PREFIXES = ("/dashboard/static/",)
 # A browser's EventSource cannot send headers: the live page may carry the key as ?api_key=KEY.
