@@ -1,8 +1,11 @@
 """What the live page costs the engine: the 64-request workload (throughput.py's W64: real text, prompts of
 20–200 tokens, max_tokens 10–300, greedy, ignore_eos) sent all at once over HTTP to one `pagedserve serve`
-at 64 seats, with /dashboard open in headless Chromium and with no page open, alternating, several
-times; medians and their ratio. With --offline it measures the step observers instead (the history and
-request traces a served engine keeps even with no page open): `LLM.generate` with and without them.
+at 64 seats, three ways in rotation, several times: no page open ("closed"); the page's stream read by a
+plain client ("stream": what the server pays for the page, snapshots and events); and /dashboard open in
+headless Chromium on this same machine ("page": the stream plus the browser's own CPU, whose seconds are
+reported). Medians and ratios to "closed". With --offline it measures the step observers instead (the
+history and request traces a served engine keeps even with no page open): `LLM.generate` with and
+without them.
 
     .venv/bin/python benchmarks/dashboard_overhead.py [--runs 3] [--interval 0.5] [--model smollm2-135m]
     .venv/bin/python benchmarks/dashboard_overhead.py --offline [--runs 3]
@@ -16,6 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,32 +53,74 @@ def served(args, work) -> dict:
     cmd = [sys.executable, "-m", "pagedserve.entrypoints.cli", "serve", "--model", args.model, "--port", str(PORT),
            "--max-num-seqs", "64", "--dashboard-interval", str(args.interval), "--log-level", "warning"]
     proc = subprocess.Popen(cmd)
-    figures: dict[str, list[float]] = {"closed": [], "open": []}
+    modes = ("closed", "stream", "page")
+    figures: dict[str, list[float]] = {m: [] for m in modes}
     try:
         wait_for(lambda: _healthy(base), 180, "the server")
-        asyncio.run(run_load(base, args.model, work[:8]))  # warm-up
+        asyncio.run(run_load(base, args.model, work))  # warm-up: a whole run (the first one is slower)
         for i in range(args.runs):
-            for mode in ("closed", "open") if i % 2 == 0 else ("open", "closed"):
-                driver = None
-                if mode == "open":
+            for mode in modes[i % 3:] + modes[:i % 3]:  # rotate the order: no mode always goes first
+                driver = reader = None
+                stop = threading.Event()
+                events = [0]
+                if mode == "stream":
+                    reader = threading.Thread(target=read_stream, args=(base, stop, events))
+                    reader.start()
+                elif mode == "page":
                     driver = headless_chromium()
                     driver.get(f"{base}/dashboard")
                     wait_for(lambda d=driver: int(d.find_element("id", "blockmap").get_attribute("data-updates") or 0)
                              >= 2, 60, "the page")
+                    browser_cpu = cpu_seconds(driver.service.process.pid)
                 try:
+                    # every run starts from an empty prefix cache (the same prompts would hit it after run one)
+                    httpx.post(f"{base}/reset_prefix_cache", timeout=30).raise_for_status()
                     tokens, seconds = asyncio.run(run_load(base, args.model, work))
-                    updates = (int(driver.find_element("id", "blockmap").get_attribute("data-updates"))
-                               if driver else 0)
+                    row = {"mode": mode, "tok_s": round(tokens / seconds, 1), "tokens": tokens,
+                           "seconds": round(seconds, 2)}
+                    if driver is not None:
+                        row["page_updates"] = int(driver.find_element("id", "blockmap").get_attribute("data-updates"))
+                        row["browser_cpu_s"] = round(cpu_seconds(driver.service.process.pid) - browser_cpu, 2)
+                    if reader is not None:
+                        row["stream_events"] = events[0]
                 finally:
+                    stop.set()
                     if driver is not None:
                         driver.quit()
+                    if reader is not None:
+                        reader.join(30)
                 figures[mode].append(tokens / seconds)
-                print(json.dumps({"mode": mode, "tok_s": round(tokens / seconds, 1), "tokens": tokens,
-                                  "seconds": round(seconds, 2), "page_updates": updates}), flush=True)
+                print(json.dumps(row), flush=True)
     finally:
         proc.terminate()
         proc.wait(60)
     return figures
+
+
+def read_stream(base: str, stop: threading.Event, events: list[int]) -> None:
+    """Read /dashboard/stream as a page would, counting its events, until `stop`."""
+    with httpx.stream("GET", f"{base}/dashboard/stream", timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: snapshot"):
+                events[0] += 1
+            if stop.is_set():
+                return
+
+
+def cpu_seconds(root_pid: int) -> float:
+    """User + system CPU seconds of a process and all its descendants (the browser's processes)."""
+    import psutil
+
+    total = 0.0
+    procs = [psutil.Process(root_pid)]
+    procs += procs[0].children(recursive=True)
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _healthy(base: str) -> bool:
@@ -96,6 +142,7 @@ def offline(args, work) -> dict:
             if mode == "with":
                 llm.engine.enable_live_view()
             llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+            llm.reset_prefix_cache()
             start = time.perf_counter()
             outs = llm.generate(prompts, params, use_tqdm=False)
             seconds = time.perf_counter() - start
@@ -110,17 +157,18 @@ def offline(args, work) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--runs", type=int, default=3, help="pairs of runs (alternating order)")
+    ap.add_argument("--runs", type=int, default=3, help="rounds (each runs every mode once, in a rotating order)")
     ap.add_argument("--interval", type=float, default=0.5, help="the page's --dashboard-interval")
     ap.add_argument("--offline", action="store_true", help="measure the step observers, not the page")
     args = ap.parse_args()
     tokenizer = load_tokenizer(resolve_model_path(args.model))
     work = make_workload(tokenizer, 64, 0)
     figures = offline(args, work) if args.offline else served(args, work)
-    (a, b) = figures
+    base = next(iter(figures))
     med = {k: statistics.median(v) for k, v in figures.items()}
     print(json.dumps({"median_tok_s": {k: round(v, 1) for k, v in med.items()},
-                      "ratio": round(med[b] / med[a], 4), "runs": {k: [round(x, 1) for x in v] for k, v in figures.items()}}))
+                      "ratio_to_" + base: {k: round(v / med[base], 4) for k, v in med.items() if k != base},
+                      "runs": {k: [round(x, 1) for x in v] for k, v in figures.items()}}))
 
 
 if __name__ == "__main__":

@@ -46,9 +46,12 @@
     cols = Math.max(1, Math.floor(width / cellPx));
     const rows = Math.ceil(c.count / cols);
     const ratio = window.devicePixelRatio || 1;
-    map.style.height = rows * cellPx + "px";
-    map.width = Math.round(width * ratio);
-    map.height = Math.round(rows * cellPx * ratio);
+    const pxW = Math.round(width * ratio), pxH = Math.round(rows * cellPx * ratio);
+    if (map.width !== pxW || map.height !== pxH) {  // resizing reallocates the bitmap and relays the page out
+      map.style.height = rows * cellPx + "px";
+      map.width = pxW;
+      map.height = pxH;
+    }
     const ctx = map.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.clearRect(0, 0, width, rows * cellPx);
@@ -127,20 +130,50 @@
     ["generated", "out"], ["ttft_ms", "TTFT ms"], ["e2e_s", "e2e s"], ["preemptions", "preempt"],
     ["cached_tokens", "cached"]];
 
+  const PAGE_ROWS = 40;  // rows drawn per table (the snapshot may carry more): layout is the page's main cost
+
   function table(title, rows, total, columns) {
     const head = columns.map(([, t]) => `<th>${t}</th>`).join("");
     const body = rows.map((r) => `<tr class="req${r.id === selected ? " selected" : ""}" data-id="${escapeHtml(r.id)}">` +
-      columns.map(([k]) => `<td>${escapeHtml(r[k] === null || r[k] === undefined ? "–" : r[k])}</td>`).join("") + "</tr>").join("");
+      columns.map(([k]) => `<td>${escapeHtml(cell(r[k]))}</td>`).join("") + "</tr>").join("");
     const more = total > rows.length ? `<tr class="more"><td colspan="${columns.length}">… and ${total - rows.length} more</td></tr>` : "";
     return `<table data-queue="${title}"><caption>${title} (${total})</caption><thead><tr>${head}</tr></thead><tbody>${body}${more}</tbody></table>`;
   }
 
+  const tableState = {};  // per queue: the row ids drawn and the caption, to patch cells in place
+
+  function cell(v) { return v === null || v === undefined ? "–" : String(v); }
+
+  function drawTable(host, title, rows, total, columns) {
+    rows = rows.slice(0, PAGE_ROWS);
+    const ids = rows.map((r) => r.id).join("\n");
+    const state = tableState[title];
+    if (state && state.ids === ids && state.total === total) {
+      // the same requests in the same order: change only the cells whose text changed (no new DOM)
+      const trs = state.body.rows;
+      rows.forEach((r, i) => columns.forEach(([k], j) => {
+        const td = trs[i].cells[j], text = cell(r[k]);
+        if (td.textContent !== text) td.textContent = text;
+      }));
+      return;
+    }
+    let div = host.querySelector(`div[data-table="${title}"]`);
+    if (!div) {
+      div = document.createElement("div");
+      div.dataset.table = title;
+      host.appendChild(div);
+    }
+    div.innerHTML = table(title, rows, total, columns);
+    tableState[title] = { ids, total, body: div.querySelector("tbody") };
+  }
+
   function drawQueues(snap) {
     const q = snap.requests;
-    $("queues").innerHTML = table("running", q.running, q.totals.running, COLUMNS) +
-      table("waiting", q.waiting, q.totals.waiting, COLUMNS) +
-      table("preempted", q.preempted, q.totals.preempted, COLUMNS) +
-      table("finished", q.finished, q.finished.length, FINISHED_COLUMNS);
+    const host = $("queues");
+    drawTable(host, "running", q.running, q.totals.running, COLUMNS);
+    drawTable(host, "waiting", q.waiting, q.totals.waiting, COLUMNS);
+    drawTable(host, "preempted", q.preempted, q.totals.preempted, COLUMNS);
+    drawTable(host, "finished", q.finished, q.finished.length, FINISHED_COLUMNS);
     $("status").textContent = `up ${fmt(snap.uptime_s)} s · running ${q.totals.running}/${q.max_num_seqs} · ` +
       `waiting ${q.totals.waiting} · preempted ${q.totals.preempted}` +
       (q.totals.compiling_grammar ? ` · compiling grammars ${q.totals.compiling_grammar}` : "");
@@ -187,9 +220,10 @@
     const canvas = $("timeline");
     const ratio = window.devicePixelRatio || 1;
     const w = canvas.clientWidth || 500, h = 170;
-    canvas.width = Math.round(w * ratio);
-    canvas.height = Math.round(h * ratio);
-    canvas.style.height = h + "px";
+    if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
+      canvas.width = Math.round(w * ratio);
+      canvas.height = Math.round(h * ratio);
+    }
     const ctx = canvas.getContext("2d");
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.clearRect(0, 0, w, h);
@@ -252,7 +286,13 @@
   ];
   const chartCanvases = [];
 
+  let chartKey = null;
+
   function drawCharts(snap) {
+    // the series moves on once a second: redraw only when it did
+    const key = JSON.stringify(snap.series.length ? snap.series[snap.series.length - 1] : null) + snap.series.length;
+    if (key === chartKey) return;
+    chartKey = key;
     const cols = {};
     snap.series_columns.forEach((name, i) => { cols[name] = snap.series.map((r) => r[i]); });
     const xs = cols.t;
@@ -282,6 +322,7 @@
   function connect() {
     const source = new EventSource(`/dashboard/stream${qs}`);
     source.addEventListener("snapshot", (ev) => {
+      if (document.hidden && last) return;  // a background tab draws nothing
       last = JSON.parse(ev.data);
       drawMap(last);
       drawQueues(last);
