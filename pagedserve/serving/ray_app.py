@@ -170,6 +170,9 @@ class Ingress:
         gen: DeploymentResponseGenerator = self.engine.answer.remote(fwd)
         try:
             start = await gen.__anext__()
+        except asyncio.CancelledError:  # the client left before the response started
+            gen.cancel()
+            raise
         except Exception as e:  # no replica could take it (one died, the deployment is gone)
             gen.cancel()
             logger.warning("%s %s: no engine replica answered: %r", request.method, request.url.path, e)
