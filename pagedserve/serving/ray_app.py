@@ -19,8 +19,8 @@ the ingress the prompt is an argument of the handle call, which is what request 
 Nothing outside this module and `ray_router.py` imports ray.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Ray Serve rebuilds the ingress's route signatures and
+# FastAPI must see real classes (Request), not strings.
 import asyncio
 import json
 import logging
@@ -153,6 +153,35 @@ class EngineReplica:
             await lifespan.__aexit__(None, None, None)
 
 
+# Defined before the ingress class: `serve.ingress` serializes the class when it decorates it, so the
+# module-level names its methods use must exist by then.
+async def _rest(gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for chunk in gen:
+            yield chunk
+        finished = True
+    finally:
+        if not finished:  # the client left: cancelling the call aborts the request at the engine
+            gen.cancel()
+
+
+def make_forward(request: Request, body: bytes) -> HTTPForward:
+    parsed: Any = None
+    if request.method == "POST" and body:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None  # the engine app answers it with its own 400
+    fields = parsed if isinstance(parsed, dict) else {}
+    client = (request.client.host, request.client.port) if request.client else None
+    path = request.scope["path"]
+    return HTTPForward(method=request.method, path=path, query_string=request.scope.get("query_string", b""),
+                       headers=list(request.headers.raw), body=body, client=client,
+                       route_text=prompt_text(path, fields) if fields else "",
+                       prompt=fields.get("prompt"), messages=fields.get("messages"))
+
+
 ingress_app = FastAPI(title="pagedserve on Ray Serve")
 
 
@@ -180,33 +209,6 @@ class Ingress:
         response = StreamingResponse(_rest(gen), status_code=start.status)
         response.raw_headers = start.headers  # the engine app's own (content type and length, SSE headers)
         return response
-
-
-async def _rest(gen: DeploymentResponseGenerator) -> AsyncIterator[bytes]:
-    finished = False
-    try:
-        async for chunk in gen:
-            yield chunk
-        finished = True
-    finally:
-        if not finished:  # the client left: cancelling the call aborts the request at the engine
-            gen.cancel()
-
-
-def make_forward(request: Request, body: bytes) -> HTTPForward:
-    parsed: Any = None
-    if request.method == "POST" and body:
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            parsed = None  # the engine app answers it with its own 400
-    fields = parsed if isinstance(parsed, dict) else {}
-    client = (request.client.host, request.client.port) if request.client else None
-    path = request.scope["path"]
-    return HTTPForward(method=request.method, path=path, query_string=request.scope.get("query_string", b""),
-                       headers=list(request.headers.raw), body=body, client=client,
-                       route_text=prompt_text(path, fields) if fields else "",
-                       prompt=fields.get("prompt"), messages=fields.get("messages"))
 
 
 def build_app(model: str, engine_kwargs: dict[str, Any], server_config: ServerConfig,

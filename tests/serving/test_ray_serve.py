@@ -81,6 +81,8 @@ def test_the_engine_and_plain_server_do_not_import_ray():
 @pytest.fixture(scope="module")
 def serve_url() -> Iterator[str]:
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Loopback only, and no token written to ~/.ray for a cluster that lives as long as this module.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     # Ray's unix sockets live under its temp dir and must stay short; a dir of our own leaves /tmp/ray alone.
     temp_dir = tempfile.mkdtemp(prefix="psray-", dir="/tmp")
     port = free_port()
