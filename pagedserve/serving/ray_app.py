@@ -217,17 +217,16 @@ def build_app(model: str, engine_kwargs: dict[str, Any], server_config: ServerCo
     opts.validate()
     # One replica's torch threads: its Ray CPUs unless the engine options say otherwise.
     engine_kwargs = {"num_threads": max(1, int(opts.replica_cpus)), **engine_kwargs}
-    router_config = None
+    routing: dict[str, Any] = {}
     if opts.policy != "power_of_two":  # Ray's default router otherwise
-        router_config = RequestRouterConfig(request_router_class=ROUTER_CLASS,
-                                            request_router_kwargs=opts.router_kwargs(),
-                                            request_routing_stats_period_s=opts.routing_stats_period_s)
+        routing["request_router_config"] = RequestRouterConfig(
+            request_router_class=ROUTER_CLASS, request_router_kwargs=opts.router_kwargs(),
+            request_routing_stats_period_s=opts.routing_stats_period_s)
     with warnings.catch_warnings():  # metrics_interval_s is marked deprecated, yet it is what handles report by
         warnings.simplefilter("ignore", DeprecationWarning)
         engine = serve.deployment(EngineReplica, name=ENGINE_DEPLOYMENT).options(
             autoscaling_config=opts.autoscaling_config(), max_ongoing_requests=opts.max_ongoing_requests,
-            ray_actor_options={"num_cpus": opts.replica_cpus}, request_router_config=router_config,
-            graceful_shutdown_timeout_s=30.0)
+            ray_actor_options={"num_cpus": opts.replica_cpus}, graceful_shutdown_timeout_s=30.0, **routing)
     ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT).options(
         num_replicas=opts.ingress_replicas, ray_actor_options={"num_cpus": 0},
         # it only relays: the limit on work is the engines' max_ongoing_requests
