@@ -244,6 +244,10 @@ def serve_on_ray(model: str, engine_kwargs: dict[str, Any], server_config: Serve
     app = build_app(model, engine_kwargs, server_config, opts)
     # Detached, the application must outlive this process: only an existing cluster can hold it.
     ray.init(address=opts.address or ("auto" if opts.detach else None), ignore_reinit_error=True)
+    stop = stop or threading.Event()
+    # Installed before deploying: a signal that comes while replicas start ends the run once they are up.
+    previous = {} if opts.detach else {sig: signal.signal(sig, lambda *_: stop.set())
+                                       for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         serve.start(http_options={"host": opts.host, "port": opts.port})
         serve.run(app, name=opts.app_name, route_prefix="/")
@@ -251,17 +255,13 @@ def serve_on_ray(model: str, engine_kwargs: dict[str, Any], server_config: Serve
                     opts.app_name)
         if opts.detach:
             return 0
-        stop = stop or threading.Event()
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            while not stop.wait(1.0):
-                pass
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        serve.delete(opts.app_name)
+        while not stop.wait(1.0):
+            pass
+        serve.delete(opts.app_name)  # each replica finishes its requests first
         return 0
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if not opts.detach:
             ray.shutdown()
 
