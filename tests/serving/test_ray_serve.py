@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import subprocess
 import sys
@@ -80,16 +79,17 @@ def test_the_engine_and_plain_server_do_not_import_ray():
 
 @pytest.fixture(scope="module")
 def serve_url() -> Iterator[str]:
-    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    env = pytest.MonkeyPatch()
+    env.setenv("RAY_USAGE_STATS_ENABLED", "0")
     # Loopback only, and no token written to ~/.ray for a cluster that lives as long as this module.
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+    env.setenv("RAY_AUTH_MODE", "disabled")
     # Ray's unix sockets live under its temp dir and must stay short; a dir of our own leaves /tmp/ray alone.
     temp_dir = tempfile.mkdtemp(prefix="psray-", dir="/tmp")
     port = free_port()
     me = psutil.Process()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=temp_dir, log_to_driver=False)
     try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=temp_dir, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -102,6 +102,7 @@ def serve_url() -> Iterator[str]:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
+        env.undo()
         assert not alive, f"processes left after ray.shutdown(): {[p.pid for p in alive]}"
 
 
