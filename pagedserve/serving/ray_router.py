@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -43,7 +43,6 @@ class HTTPForward:
     route_text: str = ""  # what text-based policies match on (policies.prompt_text)
     prompt: Any = None  # the body's prompt / messages, as Ray's PrefixCacheAffinityRouter reads them
     messages: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def route_text_of(pending_request: PendingRequest | None) -> str:
