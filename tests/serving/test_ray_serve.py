@@ -83,6 +83,9 @@ def serve_url() -> Iterator[str]:
     env.setenv("RAY_USAGE_STATS_ENABLED", "0")
     # Loopback only, and no token written to ~/.ray for a cluster that lives as long as this module.
     env.setenv("RAY_AUTH_MODE", "disabled")
+    # A replica that answers Ray's queue-length probe late (0.1 s by default) is passed over for the next
+    # rank: on 2 busy cores that would be a misroute, not what the routing test is about. Workers inherit it.
+    env.setenv("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     # Ray's unix sockets live under its temp dir and must stay short; a dir of our own leaves /tmp/ray alone.
     temp_dir = tempfile.mkdtemp(prefix="psray-", dir="/tmp")
     port = free_port()
@@ -167,7 +170,7 @@ def test_openai_routes_and_cache_aware_routing(serve_url, tiny_llama_dir):
         assert done.usage.completion_tokens == 6 and done.choices[0].finish_reason == "length"
         chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
                                                 temperature=0, stream=True, extra_body={"ignore_eos": True}))
-        assert len(chunks) >= 6  # an event per token
+        assert len(chunks) > 1  # events as tokens come (a token whose text is not complete yet waits for the next)
         assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
 
         messages = [{"role": "user", "content": "Say hello."}]
