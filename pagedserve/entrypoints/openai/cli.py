@@ -10,6 +10,7 @@ import os
 import signal
 
 from pagedserve.entrypoints.cli import add_engine_args, engine_kwargs
+from pagedserve.serving.ray_options import add_ray_args
 
 TOOL_CALL_PARSERS = ("hermes",)  # tool_calls.TOOL_CALL_PARSERS; repeated so --help needs no web stack
 
@@ -41,14 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds between the live page's updates (/dashboard; each is one snapshot of the engine)")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
+    add_ray_args(p)
     p.set_defaults(func=cmd_serve)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    from pagedserve.config import EngineConfig
-    from pagedserve.entrypoints.openai.api_server import build_app
+def server_config(args: argparse.Namespace):
+    """The ServerConfig the options describe (checked): the same for one server and for Ray Serve replicas."""
     from pagedserve.entrypoints.openai.serving_base import ServerConfig
 
     if args.max_queued_requests < 0:
@@ -62,13 +61,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (one of: "
                          f"{', '.join(TOOL_CALL_PARSERS)})")
+    return ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key or None,
+                        max_queued_requests=args.max_queued_requests,
+                        max_body_bytes=args.max_request_body_bytes, stream_interval=args.stream_interval,
+                        enable_auto_tool_choice=args.enable_auto_tool_choice,
+                        tool_call_parser=args.tool_call_parser, dashboard_interval_s=args.dashboard_interval)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from pagedserve.config import EngineConfig
+
+    config = server_config(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.ray:
+        # The optional extra: ray is imported only here, never by the engine or the plain server.
+        try:
+            from pagedserve.serving.ray_app import serve_on_ray
+        except ImportError as e:
+            raise ValueError(f"--ray needs Ray Serve: pip install 'pagedserve[ray]' ({e})") from None
+        from pagedserve.serving.ray_options import options_from_args
+
+        return serve_on_ray(args.model, engine_kwargs(args), config, options_from_args(args))
+    from pagedserve.entrypoints.openai.api_server import build_app
+
     engine_config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
-    config = ServerConfig(served_model_name=args.served_model_name or args.model, api_key=args.api_key or None,
-                          max_queued_requests=args.max_queued_requests,
-                          max_body_bytes=args.max_request_body_bytes, stream_interval=args.stream_interval,
-                          enable_auto_tool_choice=args.enable_auto_tool_choice,
-                          tool_call_parser=args.tool_call_parser, dashboard_interval_s=args.dashboard_interval)
     # A config, not an engine: the model is built on the thread that will run it (one OpenMP pool).
     app = build_app(engine_config, config)
     return run_server(app, args.host, args.port, args.shutdown_timeout, args.log_level)
