@@ -28,7 +28,9 @@ SERVER_DIR = Path(pagedserve.__file__).parent / "entrypoints" / "openai"
 # What the server may import from the package: the client interface and plain data.
 ALLOWED = ("pagedserve.engine.protocol", "pagedserve.engine.async_engine", "pagedserve.engine.input_processor",
            "pagedserve.outputs", "pagedserve.sampling_params", "pagedserve.entrypoints", "pagedserve.config",
-           "pagedserve.structured_output.params", "pagedserve.pooling_params")  # request parameters
+           "pagedserve.structured_output.params", "pagedserve.pooling_params",  # request parameters
+           # the serve command's --ray launcher (cli.py): Ray Serve replicas build this same app in process
+           "pagedserve.serving.ray_options", "pagedserve.serving.ray_app")
 ENGINE_INTERNALS = {"scheduler", "runner", "kv_caches", "kv_stats", "step_records", "output_processor", "core"}
 
 
