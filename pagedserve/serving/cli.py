@@ -10,7 +10,7 @@ import argparse
 import os
 import shlex
 
-from pagedserve.serving.config import POLICIES
+from pagedserve.serving.config import POLICIES, add_cache_aware_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,11 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="requests the router keeps at one replica; beyond it they queue")
     g.add_argument("--max-queued-requests", type=int, default=256, help="queued requests; more get 503")
     g.add_argument("--max-queue-wait", type=float, default=30.0, help="seconds a queued request waits at most")
-    g.add_argument("--cache-threshold", type=float, default=0.3, help="cache_aware: match ratio to follow")
-    g.add_argument("--balance-abs-threshold", type=int, default=64,
-                   help="cache_aware: in-flight difference beyond which it balances load instead")
-    g.add_argument("--balance-rel-threshold", type=float, default=1.5,
-                   help="cache_aware: ... and in-flight ratio beyond which it balances load instead")
+    add_cache_aware_args(g)
     g.add_argument("--kv-queue-penalty", type=float, default=1.0,
                    help="kv_aware: saved prefill tokens one queued token cancels")
     g.add_argument("--kv-poll-interval", type=float, default=0.2, help="kv_aware: seconds between /kv_events reads")
@@ -70,11 +66,11 @@ def build_router(args: argparse.Namespace):
     """The Router (and its autoscaler, in local mode) the options describe."""
     from pagedserve.serving.app import Router
     from pagedserve.serving.config import (
-        CacheAwareConfig,
         ConfigError,
         KVAwareConfig,
         RouterConfig,
         TierConfig,
+        cache_aware_from_args,
         check_url,
         load_tiers,
     )
@@ -97,7 +93,7 @@ def build_router(args: argparse.Namespace):
         request_timeout_s=args.request_timeout, max_attempts=args.max_attempts,
         max_in_flight_per_replica=args.max_in_flight_per_replica, max_queued_requests=args.max_queued_requests,
         max_queue_wait_s=args.max_queue_wait, shutdown_timeout_s=args.shutdown_timeout,
-        cache_aware=CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold, args.balance_rel_threshold),
+        cache_aware=cache_aware_from_args(args),
         kv_aware=KVAwareConfig(args.kv_queue_penalty, args.kv_poll_interval))
     router = Router(config)
     if args.autoscale:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import yaml
@@ -70,6 +71,21 @@ class CacheAwareConfig:
     balance_abs_threshold: int = 64  # load imbalance: max - min in-flight above this ...
     balance_rel_threshold: float = 1.5  # ... and max above this many times min: go least-loaded
     max_tree_chars: int = 1 << 20  # per replica; least recently used branches are evicted beyond it
+
+
+def add_cache_aware_args(group: Any) -> None:
+    """cache_aware's thresholds as command-line options: one declaration for the router and Ray Serve."""
+    d = CacheAwareConfig()
+    group.add_argument("--cache-threshold", type=float, default=d.cache_threshold,
+                       help="cache_aware: match ratio to follow")
+    group.add_argument("--balance-abs-threshold", type=int, default=d.balance_abs_threshold,
+                       help="cache_aware: in-flight difference beyond which it balances load instead")
+    group.add_argument("--balance-rel-threshold", type=float, default=d.balance_rel_threshold,
+                       help="cache_aware: ... and in-flight ratio beyond which it balances load instead")
+
+
+def cache_aware_from_args(args: Any) -> CacheAwareConfig:
+    return CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold, args.balance_rel_threshold)
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pagedserve.serving.config import CacheAwareConfig
+from pagedserve.serving.config import CacheAwareConfig, add_cache_aware_args, cache_aware_from_args
 
 # cache_aware / least_loaded: pagedserve's own policies (policies.py) as a Ray Serve request router;
 # power_of_two: Ray Serve's default router, for comparison.
@@ -106,11 +106,7 @@ def add_ray_args(p: argparse.ArgumentParser) -> None:
                    help="requests at one engine replica; more wait in the request router's queue")
     g.add_argument("--replica-cpus", type=float, default=1.0, help="Ray CPUs one engine replica reserves")
     g.add_argument("--ingress-replicas", type=int, default=1, help="replicas of the HTTP ingress deployment")
-    g.add_argument("--cache-threshold", type=float, default=0.3, help="cache_aware: match ratio to follow")
-    g.add_argument("--balance-abs-threshold", type=int, default=64,
-                   help="cache_aware: in-flight difference beyond which it balances load instead")
-    g.add_argument("--balance-rel-threshold", type=float, default=1.5,
-                   help="cache_aware: ... and in-flight ratio beyond which it balances load instead")
+    add_cache_aware_args(g)
 
 
 def options_from_args(args: argparse.Namespace) -> RayServeOptions:
@@ -122,6 +118,6 @@ def options_from_args(args: argparse.Namespace) -> RayServeOptions:
         downscale_delay_s=args.downscale_delay, metrics_interval_s=args.autoscale_interval,
         look_back_period_s=args.look_back_period, max_ongoing_requests=args.max_ongoing_requests,
         replica_cpus=args.replica_cpus, ingress_replicas=args.ingress_replicas,
-        cache_aware=CacheAwareConfig(args.cache_threshold, args.balance_abs_threshold, args.balance_rel_threshold))
+        cache_aware=cache_aware_from_args(args))
     opts.validate()
     return opts
