@@ -23,6 +23,7 @@
     return v.toFixed(2);
   }
 
+  // A canvas sized to its CSS box at the screen's pixel ratio (resized only when that changed), cleared.
   function setup(canvas) {
     const ratio = window.devicePixelRatio || 1;
     const w = canvas.clientWidth || 300, h = canvas.clientHeight || 150;
@@ -166,5 +167,5 @@
     canvas.dataset.points = String(values.length);
   }
 
-  window.PagedCharts = { line, bars, fmt, PALETTE };
+  window.PagedCharts = { line, bars, fmt, setup, PALETTE };
 })();

@@ -218,15 +218,7 @@
     const ms = (ns) => Number(BigInt(ns) / 1000n) / 1000 - t0;
     const tEnd = Math.max(1, ms(root.endTimeUnixNano));
     const canvas = $("timeline");
-    const ratio = window.devicePixelRatio || 1;
-    const w = canvas.clientWidth || 500, h = 170;
-    if (canvas.width !== Math.round(w * ratio) || canvas.height !== Math.round(h * ratio)) {
-      canvas.width = Math.round(w * ratio);
-      canvas.height = Math.round(h * ratio);
-    }
-    const ctx = canvas.getContext("2d");
-    ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
-    ctx.clearRect(0, 0, w, h);
+    const { ctx, w } = window.PagedCharts.setup(canvas);  // 170 px high (dashboard.css)
     const left = 60, pw = w - left - 10;
     const X = (t) => left + (t / tEnd) * pw;
     const lanes = { queued: [18, "#9ca3af"], prefill: [40, "#f59e0b"], decode: [62, "#16a34a"] };
